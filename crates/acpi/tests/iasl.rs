@@ -1,0 +1,143 @@
+//! Disassembles the dumped tables with ACPICA's `iasl -d`.
+//!
+//! Without `iasl` on PATH these tests are skipped with a message, unless
+//! `CI=true`, where a missing `iasl` is a failure (CI installs acpica-tools).
+//!
+//! `iasl -d` exits 0 even for corrupt tables (a bad checksum or an invalid
+//! name is only a "Warning"), so any "Error" *or* "Warning" in its output
+//! fails the test; `flags_a_corrupt_table` proves the check can fail.
+//!
+//! The RSDP is not disassembled: ACPICA cannot load a raw RSDP from a file
+//! ("Loading an RSDP is not supported", acfileio.c). Its checksums are
+//! covered in `tables.rs`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::cfg;
+use hyperpool_acpi::{AcpiConfig, build};
+
+const SDT_FILES: [&str; 4] = ["XSDT", "FACP", "DSDT", "APIC"];
+
+/// Whether `iasl` can run; panics if it is missing under `CI=true`.
+fn have_iasl() -> bool {
+    match Command::new("iasl").arg("-v").output() {
+        Ok(_) => true,
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("iasl is required in CI (apt-get install acpica-tools): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: iasl not runnable ({e}); install acpica-tools");
+            false
+        }
+    }
+}
+
+/// Runs `iasl -d NAME.dat` in `dir`; returns the disassembly, or why it failed.
+fn disassemble(dir: &Path, name: &str) -> Result<String, String> {
+    let out = Command::new("iasl")
+        .arg("-d")
+        .arg(format!("{name}.dat"))
+        .current_dir(dir)
+        .output()
+        .expect("run iasl");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || log.contains("Error") || log.contains("Warning") {
+        return Err(format!("iasl -d {name}.dat: {}\n{log}", out.status));
+    }
+    std::fs::read_to_string(dir.join(format!("{name}.dsl")))
+        .map_err(|e| format!("no {name}.dsl: {e}\n{log}"))
+}
+
+/// Dumps `cfg`'s tables and disassembles every SDT; returns the .dsl texts.
+fn disassemble_all(cfg: &AcpiConfig) -> Vec<(&'static str, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    build(cfg).unwrap().dump(dir.path()).unwrap();
+    assert!(dir.path().join("RSDP.dat").is_file());
+    SDT_FILES
+        .iter()
+        .map(|name| {
+            (
+                *name,
+                disassemble(dir.path(), name).unwrap_or_else(|e| panic!("{e}")),
+            )
+        })
+        .collect()
+}
+
+fn dsl<'a>(all: &'a [(&str, String)], name: &str) -> &'a str {
+    &all.iter().find(|(n, _)| *n == name).unwrap().1
+}
+
+#[test]
+fn iasl_disassembles_every_table() {
+    if !have_iasl() {
+        return;
+    }
+    for cpus in [1, 4, 300] {
+        let all = disassemble_all(&cfg(cpus));
+
+        let dsdt = dsl(&all, "DSDT");
+        for needle in [
+            "Name (_S5, Package (0x04)",
+            "EisaId (\"PNP0501\")",
+            "EisaId (\"PNP0303\")",
+            "EisaId (\"PNP0B00\")",
+            "\"ACPI0010\"",
+            "0x03F8,             // Range Minimum",
+        ] {
+            assert!(
+                dsdt.contains(needle),
+                "cpus={cpus}: DSDT lacks {needle:?}:\n{dsdt}"
+            );
+        }
+        assert_eq!(dsdt.matches("\"ACPI0007\"").count(), cpus as usize);
+
+        let fadt = dsl(&all, "FACP");
+        assert!(fadt.contains("Hardware Reduced (V5) : 1"), "{fadt}");
+        assert!(fadt.contains("Reset Register Supported (V2) : 1"), "{fadt}");
+
+        let madt = dsl(&all, "APIC");
+        assert!(madt.contains("PC-AT Compatibility : 1"), "{madt}");
+        assert!(madt.contains("[Interrupt Source Override]"), "{madt}");
+        let x2apic = madt.matches("[Processor Local x2APIC]").count();
+        assert_eq!(x2apic, (cpus as usize).saturating_sub(255), "{madt}");
+    }
+}
+
+#[test]
+fn iasl_disassembles_minimal_platform() {
+    if !have_iasl() {
+        return;
+    }
+    let bare = AcpiConfig {
+        serial: None,
+        i8042: false,
+        rtc: None,
+        ..cfg(1)
+    };
+    let all = disassemble_all(&bare);
+    let dsdt = dsl(&all, "DSDT");
+    assert!(!dsdt.contains("PNP0501") && !dsdt.contains("PNP0303") && !dsdt.contains("PNP0B00"));
+    assert!(dsl(&all, "FACP").contains("CMOS RTC Not Present (V5) : 1"));
+}
+
+#[test]
+fn flags_a_corrupt_table() {
+    if !have_iasl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    build(&cfg(1)).unwrap().dump(dir.path()).unwrap();
+    let path = dir.path().join("DSDT.dat");
+    let mut dsdt = std::fs::read(&path).unwrap();
+    dsdt[40] ^= 0x80; // inside the AML body: breaks the checksum
+    std::fs::write(&path, dsdt).unwrap();
+    assert!(disassemble(dir.path(), "DSDT").is_err());
+}

@@ -1,0 +1,13 @@
+//! Device models the VMM attaches to a guest's I/O and MMIO buses.
+//!
+//! Devices never call up into the VMM: they raise interrupts through [`irq::IrqLine`]s and ask for
+//! a VM-level action (poweroff, reset, debug exit) through the [`exit::ExitSignal`] they were given.
+
+pub mod bus;
+pub mod exit;
+pub mod irq;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use exit::{ExitRequest, ExitSignal};
+pub use irq::IrqLine;

@@ -1,0 +1,72 @@
+//! The command line, in Cloud Hypervisor's grammar for VM options.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyperpool_vmm::config::{
+    CpusConfig, MemoryConfig, SerialConfig, parse_cpus, parse_memory, parse_serial,
+};
+
+#[derive(Parser)]
+#[command(name = "hyperpool", version, about = "A hypervisor on Linux KVM")]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace); HYPERPOOL_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run one VM in the foreground; without --kernel, the built-in probe guest.
+    Run(RunArgs),
+    /// Build guest images.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Kernel to boot: ELF with a PVH note, bzImage, 64-bit vmlinux, or Multiboot image.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk handed to the kernel.
+    #[arg(long, value_name = "FILE")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "TEXT")]
+    pub cmdline: Option<String>,
+    /// vCPUs: N or boot=N[,features=-cx16,-xsave].
+    #[arg(long, value_name = "SPEC", value_parser = parse_cpus, default_value = "boot=1")]
+    pub cpus: CpusConfig,
+    /// Guest RAM: SIZE or size=SIZE (e.g. 512M, 4G).
+    #[arg(long, value_name = "SPEC", value_parser = parse_memory, default_value = "size=512M")]
+    pub memory: MemoryConfig,
+    /// Where COM1 goes: tty, off, or file=PATH.
+    #[arg(long, value_name = "SPEC", value_parser = parse_serial, default_value = "tty")]
+    pub serial: SerialConfig,
+    /// What a guest reboot does.
+    #[arg(long, value_enum, default_value_t = OnRebootArg::Exit)]
+    pub on_reboot: OnRebootArg,
+    /// Write the ACPI tables built for the guest into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub dump_acpi: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OnRebootArg {
+    /// Exit 0, as after a poweroff.
+    Exit,
+    /// Boot the VM again from scratch.
+    Restart,
+}
+
+#[derive(Subcommand)]
+pub enum GuestCommand {
+    /// Build a Debian kernel and busybox initramfs (for hardware-KVM hosts) into DIR.
+    Debian {
+        /// Output directory.
+        dir: PathBuf,
+    },
+}

@@ -1,0 +1,89 @@
+//! `hyperpool`: the hypervisor's one binary.
+
+mod cli;
+mod cmd_guest;
+mod cmd_run;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+
+/// Exit status for input the user must fix.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        cli::Command::Run(args) => cmd_run::run(args, start),
+        cli::Command::Guest(args) => cmd_guest::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("hyperpool: error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// Help and version go to stdout in full; a usage mistake is one line on stderr and exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = e.render().to_string();
+    let line = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    eprintln!("hyperpool: error: {line} (see 'hyperpool --help')");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERPOOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .init();
+}
+
+/// A failed command: what to print and the exit status.
+pub struct Failure {
+    pub message: String,
+    pub code: u8,
+}
+
+impl Failure {
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: EXIT_USAGE,
+        }
+    }
+
+    pub fn runtime(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Every kind of bad input: one line on stderr saying what is wrong, exit status 2, no panic.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn assert_usage_error(f: &Finished, needle: &str) {
+    assert_eq!(f.code(), 2, "{}", f.describe());
+    let lines: Vec<&str> = f.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one line\n{}", f.describe());
+    assert!(
+        lines[0].starts_with("hyperpool: error: "),
+        "{}",
+        f.describe()
+    );
+    assert!(
+        lines[0].contains(needle),
+        "expected '{needle}'\n{}",
+        f.describe()
+    );
+    assert!(!f.stderr.contains("panicked") && !f.stderr.contains("RUST_BACKTRACE"));
+}
+
+fn fails(args: &[&str], needle: &str) {
+    let mut full = vec!["run"];
+    full.extend_from_slice(args);
+    // Logging off: only the error line may reach stderr.
+    let child = Command::new(hyperpool())
+        .args(&full)
+        .env("HYPERPOOL_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let f = wait_with_limit(child, Duration::from_secs(30));
+    assert_usage_error(&f, needle);
+}
+
+#[test]
+fn option_syntax_errors() {
+    fails(&["--cpus", "boot=two"], "not a number of vCPUs");
+    fails(&["--cpus", "boot=1,max=8"], "unknown cpus key 'max'");
+    fails(
+        &["--cpus", "boot=1,features=-warp"],
+        "unknown CPU feature 'warp'",
+    );
+    fails(&["--cpus", "boot=1,features=+avx"], "can only be hidden");
+    fails(&["--memory", "lots"], "not a size");
+    fails(
+        &["--memory", "size=1G,hugepages=on"],
+        "unknown memory key 'hugepages'",
+    );
+    fails(&["--serial", "pty"], "not one of tty, off, file=PATH");
+    fails(&["--on-reboot", "explode"], "explode");
+    fails(&["--frobnicate"], "--frobnicate");
+}
+
+#[test]
+fn impossible_resources() {
+    if !kvm_available() {
+        return;
+    }
+    fails(&["--cpus", "0"], "at least 1 vCPU");
+    fails(&["--cpus", "100000"], "allows at most");
+    fails(&["--memory", "8M"], "at least 16 MiB");
+    fails(&["--memory", "64T"], "the host has only");
+}
+
+#[test]
+fn bad_files() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    fails(&["--kernel", missing.to_str().unwrap()], "No such file");
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "just some text\n").unwrap();
+    fails(&["--kernel", text.to_str().unwrap()], "is not a kernel");
+    fails(&["--kernel", dir.path().to_str().unwrap()], "kernel");
+    fails(&["--initramfs", missing.to_str().unwrap()], "initramfs");
+    let unwritable = dir.path().join("no-such-dir/console.log");
+    fails(
+        &["--serial", &format!("file={}", unwritable.display())],
+        "--serial file=",
+    );
+}
+
+/// Runs hyperpool in a private mount namespace where /dev is an empty tmpfs.
+#[test]
+fn kvm_missing_or_not_accessible() {
+    if !kvm_available() || !is_root() {
+        eprintln!("skipping: needs root and /dev/kvm");
+        return;
+    }
+    let bin = hyperpool();
+    let script = format!(
+        "mount -t tmpfs none /dev && HYPERPOOL_LOG=off exec {} run",
+        bin.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let f = Finished {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
+    assert_usage_error(&f, "/dev/kvm does not exist");
+
+    // An unprivileged user cannot open the root-only /dev/kvm.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg("run")
+        .env("HYPERPOOL_LOG", "off")
+        .output()
+        .unwrap();
+    let f = Finished {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
+    let mode = std::fs::metadata("/dev/kvm")
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+    if mode.is_ok_and(|m| m & 0o006 == 0) {
+        assert_usage_error(&f, "not readable and writable by this user");
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

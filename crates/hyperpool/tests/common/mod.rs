@@ -1,0 +1,155 @@
+//! Running the real `hyperpool` binary on real KVM, with time limits, and reading what it printed.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn hyperpool() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hyperpool"))
+}
+
+/// False (skip) when /dev/kvm is missing, unless CI=true, where that is a failure.
+pub fn kvm_available() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("/dev/kvm is missing on a CI machine: KVM tests cannot run");
+    }
+    eprintln!("skipping: /dev/kvm is missing");
+    false
+}
+
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    /// The `PROBE <name> ...` line for a check.
+    pub fn probe_line(&self, name: &str) -> Option<&str> {
+        let prefix = format!("PROBE {name} ");
+        self.stdout
+            .lines()
+            .map(str::trim_end)
+            .find(|l| l.starts_with(&prefix))
+    }
+
+    /// The figures after `PROBE <name> ok `, failing the test if the check failed or is absent.
+    pub fn probe_ok(&self, name: &str) -> &str {
+        let line = self
+            .probe_line(name)
+            .unwrap_or_else(|| panic!("no PROBE {name} line\n{}", self.describe()));
+        let ok = format!("PROBE {name} ok");
+        assert!(line.starts_with(&ok), "{line}\n{}", self.describe());
+        line[ok.len()..].trim()
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `hyperpool ARGS` with stdin closed, killing it after `limit`.
+pub fn run(args: &[&str], limit: Duration) -> Finished {
+    let child = Command::new(hyperpool())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hyperpool");
+    wait_with_limit(child, limit)
+}
+
+pub fn wait_with_limit(mut child: Child, limit: Duration) -> Finished {
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let s = child.wait().expect("wait");
+            let f = Finished {
+                status: s,
+                stdout: t_out.join().unwrap_or_default(),
+                stderr: t_err.join().unwrap_or_default(),
+            };
+            panic!(
+                "hyperpool did not finish within {limit:?}\n{}",
+                f.describe()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Spawns `hyperpool ARGS` and hands back its stdout lines as they come.
+pub fn spawn_lines(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(hyperpool())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hyperpool");
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Sends SIGTERM and waits for the exit status.
+pub fn terminate(child: &mut Child, limit: Duration) -> ExitStatus {
+    // SAFETY: kill(2) on a pid we spawned and have not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("hyperpool ignored SIGTERM for {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Probe runs are short; this bounds a hung one.
+pub const PROBE_LIMIT: Duration = Duration::from_secs(120);

@@ -1,0 +1,84 @@
+//! What a VM is made of. The same types serve the command line and (later) the REST API.
+
+mod parse;
+mod size;
+
+use std::path::PathBuf;
+
+pub use parse::{parse_cpus, parse_memory, parse_serial};
+pub use size::parse_size;
+
+use crate::arch::cpu_template::CpuTemplate;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpusConfig {
+    pub boot: u32,
+    pub template: CpuTemplate,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        Self {
+            boot: 1,
+            template: CpuTemplate::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryConfig {
+    pub size: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self { size: 512 << 20 }
+    }
+}
+
+/// Where COM1's output goes (and, for `Tty`, where its input comes from).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialConfig {
+    #[default]
+    Tty,
+    File(PathBuf),
+    Off,
+}
+
+/// What a guest reset does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnReboot {
+    /// The VMM exits 0, like a VM whose guest powered off.
+    #[default]
+    Exit,
+    /// The VM is rebuilt from scratch and boots again.
+    Restart,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VmConfig {
+    /// `None` boots the embedded probe guest.
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: CpusConfig,
+    pub memory: MemoryConfig,
+    pub serial: SerialConfig,
+    pub on_reboot: OnReboot,
+    /// Write the ACPI tables built for the guest into this directory.
+    pub dump_acpi: Option<PathBuf>,
+}
+
+/// Command line for a user's kernel when none is given.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+impl VmConfig {
+    /// The command line the guest gets.
+    pub fn effective_cmdline(&self) -> String {
+        match (&self.cmdline, &self.kernel) {
+            (Some(c), _) => c.clone(),
+            (None, Some(_)) => DEFAULT_LINUX_CMDLINE.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+}

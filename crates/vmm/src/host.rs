@@ -1,0 +1,81 @@
+//! What the host offers: /dev/kvm, its limits, and its memory.
+
+use std::path::Path;
+
+use kvm_ioctls::{Cap, Kvm};
+
+use crate::error::{Error, Result};
+
+pub const KVM_PATH: &str = "/dev/kvm";
+
+/// Opens /dev/kvm, with a message that says how to fix the usual failures.
+pub fn open_kvm() -> Result<Kvm> {
+    let path = Path::new(KVM_PATH);
+    if !path.exists() {
+        return Err(Error::KvmUnavailable(format!(
+            "{KVM_PATH} does not exist: this host has no KVM; load kvm_intel, kvm_amd or kvm_pvm, or enable virtualization"
+        )));
+    }
+    let kvm = Kvm::new_with_path(c"/dev/kvm").map_err(|e| {
+        Error::KvmUnavailable(match e.errno() {
+            libc::EACCES | libc::EPERM => {
+                format!("{KVM_PATH} is not readable and writable by this user: run as root or join the 'kvm' group")
+            }
+            _ => format!("{KVM_PATH} cannot be opened: {e}"),
+        })
+    })?;
+    if kvm.get_api_version() != 12 {
+        return Err(Error::KvmUnavailable(format!(
+            "{KVM_PATH} speaks KVM API version {}, not 12",
+            kvm.get_api_version()
+        )));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Pit2, "in-kernel PIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmUnavailable(format!(
+                "{KVM_PATH} lacks the {name} capability this VMM needs"
+            )));
+        }
+    }
+    Ok(kvm)
+}
+
+/// The most vCPUs one VM may have on this host.
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    kvm.get_max_vcpus() as u32
+}
+
+/// Total host RAM in bytes (MemTotal), if /proc/meminfo says.
+pub fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_total(&text)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// True when /dev/kvm is PVM (software nested virtualization, ring 0 emulated).
+pub fn is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo() {
+        let t = "MemTotal:       24615628 kB\nMemFree:        23008236 kB\n";
+        assert_eq!(parse_mem_total(t), Some(24615628 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB"), None);
+        assert!(host_memory().unwrap() > 16 << 20);
+    }
+}

@@ -1,0 +1,17 @@
+//! The Hyperpool VMM core: one KVM virtual machine, its memory, vCPUs, boot and platform devices.
+//!
+//! [`config::VmConfig`] says what to build; [`run::run`] builds it, runs it until the guest or the
+//! host ends it, and reports why.
+
+pub mod arch;
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod machine;
+pub mod run;
+pub mod serial_io;
+pub mod vcpu;
+
+pub use config::VmConfig;
+pub use error::Error;
+pub use run::{Outcome, run};

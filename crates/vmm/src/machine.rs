@@ -1,0 +1,230 @@
+//! Building a VM from its configuration: KVM VM, guest memory, platform devices, ACPI, the loaded
+//! kernel and vCPUs ready to run.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hyperpool_acpi::AcpiConfig;
+use hyperpool_devices::legacy::{AcpiPm, BootTimer, Cmos, DebugExit, I8042, Serial, SerialInput};
+use hyperpool_devices::{Bus, BusDevice, ExitSignal, IrqLine};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::boot::{self, BootSpec, Protocol};
+use crate::arch::e820::memory_map;
+use crate::arch::layout::{
+    ACPI_END, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, I8042_PORT, IOAPIC_START,
+    KVM_IDENTITY_MAP_START, KVM_TSS_START, MMIO32_START, RTC_IRQ, ram_ranges,
+};
+use crate::arch::regs::write_descriptor_tables;
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+use crate::serial_io;
+use crate::vcpu::{self, Buses, VcpuSpec};
+
+/// The ACPI sleep type for S5 that the DSDT advertises and [`AcpiPm`] accepts.
+const S5_SLEEP_TYPE: u8 = 5;
+const ACPI_RESET_VALUE: u8 = 1;
+
+/// The kernel to boot, already read into memory.
+pub struct BootImages<'a> {
+    pub kernel: &'a [u8],
+    pub protocol: Protocol,
+    pub kernel_name: String,
+    pub initramfs: Option<&'a [u8]>,
+}
+
+/// A built VM whose vCPUs have not started yet.
+pub struct Machine {
+    // Field order is drop order: vCPUs and devices go before the VM, memory last.
+    pub vcpus: Vec<VcpuFd>,
+    pub buses: Buses,
+    pub exit: Arc<ExitSignal>,
+    pub serial_input: SerialInput,
+    pub vm: VmFd,
+    pub memory: GuestMemoryMmap,
+}
+
+pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> Result<Machine> {
+    let vm = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
+    vm.set_tss_address(KVM_TSS_START as usize)
+        .map_err(Error::kvm("setting the TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+        .map_err(Error::kvm("setting the identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(Error::kvm("creating the in-kernel irqchip"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(Error::kvm("creating the in-kernel PIT"))?;
+
+    let memory = create_memory(&vm, cfg.memory.size)?;
+    let map = memory_map(cfg.memory.size);
+
+    let acpi = hyperpool_acpi::build(&acpi_config(cfg.cpus.boot))
+        .map_err(|e| Error::Acpi(e.to_string()))?;
+    acpi.write_to(&memory)
+        .map_err(|e| Error::Acpi(e.to_string()))?;
+    if let Some(dir) = &cfg.dump_acpi {
+        std::fs::create_dir_all(dir)
+            .and_then(|_| acpi.dump(dir))
+            .map_err(|e| Error::Config(format!("--dump-acpi {}: {e}", dir.display())))?;
+    }
+
+    write_descriptor_tables(&memory).map_err(|e| Error::Memory(e.to_string()))?;
+    let cmdline = cfg.effective_cmdline();
+    let entry = boot::load(
+        &memory,
+        images.protocol,
+        &BootSpec {
+            kernel: images.kernel,
+            initramfs: images.initramfs,
+            cmdline: &cmdline,
+            memory_map: &map,
+            rsdp_addr: acpi.rsdp_addr,
+        },
+    )
+    .map_err(|source| Error::Boot {
+        path: images.kernel_name.clone(),
+        source,
+    })?;
+
+    let exit = Arc::new(ExitSignal::new());
+    let (pio, serial_input) = platform_devices(&vm, cfg, &exit, start)?;
+    let buses = Buses {
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+    };
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("reading supported CPUID"))?;
+    let vcpus = (0..cfg.cpus.boot)
+        .map(|id| {
+            vcpu::create(
+                &vm,
+                &VcpuSpec {
+                    id,
+                    count: cfg.cpus.boot,
+                    supported_cpuid: &supported,
+                    template: &cfg.cpus.template,
+                    entry: (id == 0).then_some(entry),
+                },
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    Ok(Machine {
+        vcpus,
+        buses,
+        exit,
+        serial_input,
+        vm,
+        memory,
+    })
+}
+
+fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let memory =
+        GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by `memory`,
+        // which `Machine` keeps alive (and drops after the VM) for as long as KVM can use it.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(Error::kvm("registering guest memory"))?;
+    }
+    Ok(memory)
+}
+
+fn acpi_config(cpus: u32) -> AcpiConfig {
+    AcpiConfig {
+        cpus,
+        rsdp_addr: ACPI_START,
+        tables_end: ACPI_END,
+        lapic_addr: APIC_START as u32,
+        ioapic_addr: IOAPIC_START as u32,
+        ioapic_id: 0,
+        ioapic_gsi_base: 0,
+        sleep_control_port: AcpiPm::PORT + AcpiPm::SLEEP_CONTROL as u16,
+        sleep_status_port: AcpiPm::PORT + AcpiPm::SLEEP_STATUS as u16,
+        reset_port: AcpiPm::PORT + AcpiPm::RESET as u16,
+        reset_value: ACPI_RESET_VALUE,
+        s5_sleep_type: S5_SLEEP_TYPE,
+        serial: Some((COM1_PORT, COM1_IRQ as u8)),
+        i8042: true,
+        rtc: Some((Cmos::PORT, RTC_IRQ)),
+    }
+}
+
+fn platform_devices(
+    vm: &VmFd,
+    cfg: &VmConfig,
+    exit: &Arc<ExitSignal>,
+    start: Instant,
+) -> Result<(Bus, SerialInput)> {
+    let irq = IrqLine::new(COM1_IRQ).map_err(Error::io("creating the COM1 interrupt eventfd"))?;
+    vm.register_irqfd(irq.eventfd(), irq.gsi())
+        .map_err(Error::kvm("registering the COM1 irqfd"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        irq,
+        serial_io::output(&cfg.serial)?,
+    )));
+
+    let below_4g = cfg.memory.size.min(MMIO32_START);
+    let devices: Vec<(u16, u64, Arc<Mutex<dyn BusDevice>>)> = vec![
+        (COM1_PORT, 8, serial.clone()),
+        (
+            I8042_PORT,
+            I8042::PORT_SPAN,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        ),
+        (
+            Cmos::PORT,
+            Cmos::PORT_SPAN,
+            Arc::new(Mutex::new(Cmos::new(below_4g, cfg.memory.size - below_4g))),
+        ),
+        (
+            DebugExit::PORT,
+            DebugExit::PORT_SPAN,
+            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+        ),
+        (
+            BootTimer::PORT,
+            1,
+            Arc::new(Mutex::new(BootTimer::new(start))),
+        ),
+        (
+            AcpiPm::PORT,
+            AcpiPm::PORT_SPAN,
+            Arc::new(Mutex::new(AcpiPm::new(
+                exit.clone(),
+                S5_SLEEP_TYPE,
+                ACPI_RESET_VALUE,
+            ))),
+        ),
+    ];
+    let mut pio = Bus::new();
+    for (port, len, dev) in devices {
+        pio.insert(u64::from(port), len, dev)
+            .map_err(|e| Error::Devices(e.to_string()))?;
+    }
+    Ok((pio, SerialInput(serial)))
+}

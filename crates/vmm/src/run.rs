@@ -1,0 +1,321 @@
+//! The lifecycle of one VM process: validate, build, run until the guest or the host ends it,
+//! restart on reboot when asked, and say why it ended.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hyperpool_devices::legacy::{DebugExit, SerialInput};
+use hyperpool_devices::{ExitRequest, ExitSignal};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::arch::boot;
+use crate::arch::layout::MIN_MEMORY;
+use crate::config::{OnReboot, SerialConfig, VmConfig};
+use crate::error::{Error, Result};
+use crate::machine::{self, BootImages, Machine};
+use crate::{host, serial_io, vcpu};
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Poweroff,
+    Reset,
+    DebugExit(u8),
+    Signal(i32),
+    GuestFatal(String),
+}
+
+impl Outcome {
+    /// The VMM process's exit status.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Poweroff | Outcome::Reset | Outcome::Signal(_) => 0,
+            Outcome::DebugExit(v) => DebugExit::exit_code(*v),
+            Outcome::GuestFatal(_) => GUEST_FATAL_EXIT_CODE,
+        }
+    }
+}
+
+/// CPU features KVM on PVM hosts advertises but cannot run in a guest kernel.
+pub const PVM_UNSUPPORTED_FEATURES: &str = "-cx16,-xsave,-la57";
+
+/// Even, so it never collides with a debug-exit code (always odd).
+pub const GUEST_FATAL_EXIT_CODE: i32 = 4;
+
+/// Checks the configuration against this host before anything is built.
+pub fn validate(cfg: &VmConfig, max_vcpus: u32, host_memory: Option<u64>) -> Result<()> {
+    let cpus = cfg.cpus.boot;
+    if cpus == 0 {
+        return Err(Error::Config("--cpus: a VM needs at least 1 vCPU".into()));
+    }
+    if cpus > max_vcpus {
+        return Err(Error::Config(format!(
+            "--cpus: {cpus} vCPUs asked, this host's KVM allows at most {max_vcpus}"
+        )));
+    }
+    let mem = cfg.memory.size;
+    if mem < MIN_MEMORY {
+        return Err(Error::Config(format!(
+            "--memory: {} MiB is too small; give at least {} MiB",
+            mem >> 20,
+            MIN_MEMORY >> 20
+        )));
+    }
+    if let Some(host) = host_memory.filter(|&h| mem > h) {
+        return Err(Error::Config(format!(
+            "--memory: {} MiB asked but the host has only {} MiB",
+            mem >> 20,
+            host >> 20
+        )));
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path, err: impl FnOnce(std::io::Error) -> Error) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(err)
+}
+
+/// Runs the VM described by `cfg`. `start` is when the process started (for the boot timer).
+pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
+    let kvm = host::open_kvm()?;
+    validate(cfg, host::max_vcpus(&kvm), host::host_memory())?;
+
+    let (kernel, kernel_name) = match &cfg.kernel {
+        Some(path) => (
+            read_file(path, |source| Error::KernelFile {
+                path: path.clone(),
+                source,
+            })?,
+            path.display().to_string(),
+        ),
+        None => (
+            hyperpool_probe_image::PROBE_ELF.to_vec(),
+            "(built-in probe guest)".to_string(),
+        ),
+    };
+    let protocol = boot::detect(&kernel).map_err(|source| Error::Boot {
+        path: kernel_name.clone(),
+        source,
+    })?;
+    let initramfs = match &cfg.initramfs {
+        Some(path) => Some(read_file(path, |source| Error::InitramfsFile {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let images = BootImages {
+        kernel: &kernel,
+        protocol,
+        kernel_name,
+        initramfs: initramfs.as_deref(),
+    };
+    tracing::info!(
+        "booting {} as {} with {} vCPU(s), {} MiB{}",
+        images.kernel_name,
+        protocol,
+        cfg.cpus.boot,
+        cfg.memory.size >> 20,
+        if cfg.cpus.template.is_empty() {
+            String::new()
+        } else {
+            format!(", CPU features {}", cfg.cpus.template)
+        }
+    );
+    if host::is_pvm() && cfg.kernel.is_some() {
+        tracing::info!(
+            "this host's KVM is PVM: guest kernel code is emulated (slow); stock Linux needs --cpus features={PVM_UNSUPPORTED_FEATURES}"
+        );
+    }
+
+    install_vcpu_kick_handler()?;
+    let signals = SignalForwarder::start()?;
+    let input = InputSlot::default();
+    let _raw = if cfg.serial == SerialConfig::Tty {
+        let raw = serial_io::RawTerminal::enter();
+        input.spawn_pump()?;
+        raw
+    } else {
+        None
+    };
+
+    loop {
+        let machine = machine::build(&kvm, cfg, &images, start)?;
+        let outcome = run_machine(machine, &signals, &input)?;
+        match outcome {
+            Outcome::Reset if cfg.on_reboot == OnReboot::Restart => {
+                tracing::info!("guest reset: restarting the VM");
+            }
+            outcome => return Ok(outcome),
+        }
+    }
+}
+
+fn run_machine(
+    mut machine: Machine,
+    signals: &SignalForwarder,
+    input: &InputSlot,
+) -> Result<Outcome> {
+    let exit = machine.exit.clone();
+    signals.attach(exit.clone());
+    input.attach(machine.serial_input.clone());
+
+    let count = machine.vcpus.len() as u32;
+    let mut threads = Vec::new();
+    for (id, vcpu) in (0..count).zip(machine.vcpus.drain(..)) {
+        match vcpu::spawn(vcpu, id, machine.buses.clone(), exit.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                exit.request(ExitRequest::VmmError(e.to_string()));
+                break;
+            }
+        }
+    }
+    let request = exit.wait();
+    stop_vcpus(threads);
+    input.detach();
+
+    Ok(match request {
+        ExitRequest::Poweroff => Outcome::Poweroff,
+        ExitRequest::Reset => Outcome::Reset,
+        ExitRequest::DebugExit(v) => Outcome::DebugExit(v),
+        ExitRequest::Signal(s) => Outcome::Signal(s),
+        ExitRequest::GuestFatal(why) => Outcome::GuestFatal(why),
+        ExitRequest::VmmError(why) => return Err(Error::Devices(why)),
+    })
+}
+
+/// Interrupts every vCPU thread until it has seen the exit request and returned. Repeats the kick
+/// because a signal sent just before a thread re-enters KVM_RUN would otherwise be missed.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    let mut remaining = threads;
+    while !remaining.is_empty() {
+        for t in &remaining {
+            let _ = t.kill(SIGRTMIN());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        let (done, running): (Vec<_>, Vec<_>) =
+            remaining.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            if t.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+        remaining = running;
+    }
+}
+
+extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_vcpu_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(SIGRTMIN(), kick)
+            .map_err(|e| Error::io("installing the vCPU kick signal handler")(e.into()));
+    });
+    result
+}
+
+/// Turns SIGTERM/SIGINT into a stop request for whichever VM is current.
+struct SignalForwarder {
+    current: Arc<Mutex<Option<Arc<ExitSignal>>>>,
+}
+
+impl SignalForwarder {
+    fn start() -> Result<Self> {
+        let current: Arc<Mutex<Option<Arc<ExitSignal>>>> = Arc::default();
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+            .map_err(Error::io("installing SIGTERM/SIGINT handlers"))?;
+        let target = current.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    if let Some(exit) = target.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                        exit.request(ExitRequest::Signal(sig));
+                    }
+                }
+            })
+            .map_err(Error::io("spawning the signal thread"))?;
+        Ok(Self { current })
+    }
+
+    fn attach(&self, exit: Arc<ExitSignal>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
+    }
+}
+
+/// The serial input of whichever VM is current, fed by one stdin thread for the whole process.
+#[derive(Clone, Default)]
+struct InputSlot(Arc<Mutex<Option<SerialInput>>>);
+
+impl InputSlot {
+    fn attach(&self, input: SerialInput) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(input);
+    }
+
+    fn detach(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn spawn_pump(&self) -> Result<()> {
+        let slot = self.clone();
+        serial_io::spawn_stdin_pump(move |bytes| {
+            slot.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map_or(bytes.len(), |input| input.push(bytes))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(cpus: u32, mem: u64) -> VmConfig {
+        let mut c = VmConfig::default();
+        c.cpus.boot = cpus;
+        c.memory.size = mem;
+        c
+    }
+
+    #[test]
+    fn validation_messages() {
+        let host = Some(8u64 << 30);
+        assert!(validate(&cfg(1, 128 << 20), 4, host).is_ok());
+        let e = validate(&cfg(0, 128 << 20), 4, host)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 1 vCPU"), "{e}");
+        let e = validate(&cfg(5, 128 << 20), 4, host)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 4"), "{e}");
+        let e = validate(&cfg(1, 8 << 20), 4, host).unwrap_err().to_string();
+        assert!(e.contains("at least 16 MiB"), "{e}");
+        let e = validate(&cfg(1, 16 << 30), 4, host)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only 8192 MiB"), "{e}");
+        assert!(
+            validate(&cfg(1, 8 << 20), 4, host)
+                .unwrap_err()
+                .is_user_error()
+        );
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Outcome::Poweroff.exit_code(), 0);
+        assert_eq!(Outcome::Reset.exit_code(), 0);
+        assert_eq!(Outcome::Signal(15).exit_code(), 0);
+        assert_eq!(Outcome::DebugExit(3).exit_code(), 7);
+        assert_eq!(Outcome::GuestFatal(String::new()).exit_code(), 4);
+    }
+}

@@ -1,0 +1,243 @@
+//! vCPUs: their initial state, and the thread that runs each one and handles its exits.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use hyperpool_devices::{Bus, ExitRequest, ExitSignal};
+use kvm_bindings::{
+    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+
+use crate::arch::cpu_template::CpuTemplate;
+use crate::arch::cpuid::{self, CpuidParams};
+use crate::arch::{msr, regs};
+use crate::error::{Error, Result};
+
+/// Local APIC register offsets and the delivery modes firmware programs into LINT0/LINT1.
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7 << 8;
+const APIC_MODE_NMI: u32 = 0x4 << 8;
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+
+/// Everything a vCPU needs to be created.
+pub struct VcpuSpec<'a> {
+    pub id: u32,
+    pub count: u32,
+    pub supported_cpuid: &'a CpuId,
+    pub template: &'a CpuTemplate,
+    /// Only the bootstrap processor gets an entry state; APs wait for INIT/SIPI in the kernel.
+    pub entry: Option<regs::Entry>,
+}
+
+pub fn create(vm: &VmFd, spec: &VcpuSpec) -> Result<VcpuFd> {
+    let vcpu = vm
+        .create_vcpu(u64::from(spec.id))
+        .map_err(Error::kvm("creating a vCPU"))?;
+    let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k > 0);
+    let mut entries = spec.supported_cpuid.as_slice().to_vec();
+    cpuid::filter(
+        &mut entries,
+        &CpuidParams {
+            vcpu_id: spec.id,
+            vcpu_count: spec.count,
+            tsc_khz,
+            template: spec.template,
+        },
+    );
+    let cpuid = CpuId::from_entries(&entries)
+        .map_err(|_| Error::Devices("too many CPUID entries".into()))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(Error::kvm("setting CPUID"))?;
+
+    // Set MSRs one at a time: a host that lacks one (PVM lacks some) still boots the rest.
+    for entry in msr::boot_msrs() {
+        let msrs = Msrs::from_entries(&[entry]).map_err(|_| Error::Devices("MSR list".into()))?;
+        if vcpu.set_msrs(&msrs).map_err(Error::kvm("setting MSRs"))? != 1 {
+            tracing::debug!("host KVM refused MSR {:#x}", entry.index);
+        }
+    }
+    vcpu.set_fpu(&regs::fpu())
+        .map_err(Error::kvm("setting the FPU"))?;
+
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(Error::kvm("reading the local APIC"))?;
+    set_lapic_reg(&mut lapic.regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+    set_lapic_reg(&mut lapic.regs, APIC_LVT_LINT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic)
+        .map_err(Error::kvm("setting the local APIC"))?;
+
+    if let Some(entry) = spec.entry {
+        vcpu.set_regs(&regs::regs(entry))
+            .map_err(Error::kvm("setting registers"))?;
+        let base = vcpu
+            .get_sregs()
+            .map_err(Error::kvm("reading special registers"))?;
+        vcpu.set_sregs(&regs::sregs(entry, &base))
+            .map_err(Error::kvm("setting special registers"))?;
+    }
+    Ok(vcpu)
+}
+
+/// Replaces the delivery mode bits of an LVT register, keeping the rest.
+fn set_lapic_reg(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
+    let mut raw = [0u8; 4];
+    for (b, r) in raw.iter_mut().zip(&regs[offset..offset + 4]) {
+        *b = *r as u8;
+    }
+    let v = (u32::from_le_bytes(raw) & !0x700) | mode;
+    for (r, b) in regs[offset..offset + 4].iter_mut().zip(v.to_le_bytes()) {
+        *r = b as std::os::raw::c_char;
+    }
+}
+
+/// The buses a vCPU dispatches its I/O exits to.
+#[derive(Clone)]
+pub struct Buses {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+}
+
+/// Starts the thread that runs `vcpu` until `exit` is set.
+pub fn spawn(
+    mut vcpu: VcpuFd,
+    id: u32,
+    buses: Buses,
+    exit: Arc<ExitSignal>,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || {
+            while !exit.is_set() {
+                if let Some(request) = run_once(&mut vcpu, id, &buses) {
+                    exit.request(request);
+                }
+            }
+        })
+        .map_err(Error::io("spawning a vCPU thread"))
+}
+
+/// Runs the vCPU until its next exit and handles it; returns a request when the VM must stop.
+fn run_once(vcpu: &mut VcpuFd, id: u32, buses: &Buses) -> Option<ExitRequest> {
+    let exit = match vcpu.run() {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
+        Err(e) => {
+            return Some(ExitRequest::VmmError(format!(
+                "vCPU {id}: KVM_RUN failed: {e}"
+            )));
+        }
+    };
+    // Guest-fatal exits are described after the match, once `exit` no longer borrows the vCPU.
+    let fatal_what = match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !buses.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            return None;
+        }
+        VcpuExit::IoOut(port, data) => {
+            buses.pio.write(u64::from(port), data);
+            return None;
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !buses.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+            return None;
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            buses.mmio.write(addr, data);
+            return None;
+        }
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => return None,
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => return Some(ExitRequest::Poweroff),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => return Some(ExitRequest::Reset),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, _) => {
+            Some("the guest reported a crash".to_string())
+        }
+        VcpuExit::SystemEvent(other, _) => Some(format!("unknown KVM system event {other}")),
+        VcpuExit::Shutdown => Some("triple fault (KVM_EXIT_SHUTDOWN)".to_string()),
+        VcpuExit::FailEntry(reason, cpu) => Some(format!(
+            "KVM could not enter the guest (hardware reason {reason:#x}, host cpu {cpu})"
+        )),
+        // The details live in kvm_run, readable once `exit` is gone.
+        VcpuExit::InternalError => None,
+        other => Some(format!("unexpected exit {other:?}")),
+    };
+    let what = fatal_what.unwrap_or_else(|| internal_error(vcpu));
+    Some(fatal(vcpu, id, &what))
+}
+
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: KVM filled the `internal` member of the union: this is only called for
+    // KVM_EXIT_INTERNAL_ERROR, and `ndata` is clamped to the array it indexes.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..n]
+        .iter()
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    let kind = if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+        "instruction emulation failed"
+    } else {
+        "internal error"
+    };
+    format!(
+        "KVM {kind} (suberror {}, data [{}])",
+        internal.suberror,
+        data.join(", ")
+    )
+}
+
+/// The stop request for a guest-fatal event, with the vCPU's registers for the post-mortem.
+fn fatal(vcpu: &VcpuFd, id: u32, what: &str) -> ExitRequest {
+    ExitRequest::GuestFatal(format!("vCPU {id}: {what}\n{}", describe_registers(vcpu)))
+}
+
+fn describe_registers(vcpu: &VcpuFd) -> String {
+    let mut out = String::new();
+    if let Ok(r) = vcpu.get_regs() {
+        out += &format!(
+            "  rip={:#018x} rsp={:#018x} rbp={:#018x} rflags={:#x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} r8={:#018x} r9={:#018x}\n",
+            r.rip, r.rsp, r.rbp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8, r.r9
+        );
+    }
+    if let Ok(s) = vcpu.get_sregs() {
+        out += &format!(
+            "  cs={:#x} (base {:#x}, l={} db={}) cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x}",
+            s.cs.selector,
+            s.cs.base,
+            s.cs.l,
+            s.cs.db,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.idt.base,
+            s.idt.limit
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvt_mode_is_replaced_in_place() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        regs[APIC_LVT_LINT0] = 0x30u8 as std::os::raw::c_char;
+        regs[APIC_LVT_LINT0 + 1] = 0x07;
+        regs[APIC_LVT_LINT0 + 2] = 0x01;
+        set_lapic_reg(&mut regs, APIC_LVT_LINT0, APIC_MODE_NMI);
+        assert_eq!(regs[APIC_LVT_LINT0] as u8, 0x30);
+        assert_eq!(regs[APIC_LVT_LINT0 + 1] as u8, 0x04);
+        assert_eq!(regs[APIC_LVT_LINT0 + 2] as u8, 0x01, "mask bit kept");
+    }
+}

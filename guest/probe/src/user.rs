@@ -1,0 +1,117 @@
+//! Run a function in ring 3 and come back: `iretq` down, `int3` up.
+//!
+//! Ring-3 code runs natively on PVM (ring 0 is emulated), so benchmark loops go here.
+//! The function runs with interrupts disabled (RFLAGS.IF = 0, IOPL 0) on a dedicated user
+//! stack. When it returns, `int3` (vector 3 is a DPL-3 interrupt gate on its own IST stack,
+//! set up by `cpu.rs`) re-enters ring 0 at `user_return_entry`, which drops the interrupt frame,
+//! restores the kernel stack and callee-saved registers and returns RAX (the function's
+//! return value) to the caller of `run`. Ring 3 can end the run early the same way:
+//! `int3` with the result in RAX.
+//!
+//! Why not `syscall`: on this host (KVM PVM) a `syscall` from guest ring 3 lands at LSTAR
+//! but still at CPL 3 (observed: #GP on the first `mov %ecx, %ds` of the entry stub), while
+//! `int $0x80` from ring 3 raises #UD. `int3` and exceptions from ring 3 are delivered
+//! normally.
+
+use crate::cpu::{KERNEL_DS, USER_CS, USER_DS};
+use x86_64::VirtAddr;
+
+const USER_STACK_SIZE: usize = 64 * 1024;
+
+#[unsafe(link_section = ".bss.noinit.user_stack")]
+static mut USER_STACK: [u8; USER_STACK_SIZE] = [0; USER_STACK_SIZE];
+
+/// A function that can run in ring 3.
+pub type UserFn = extern "C" fn(u64) -> u64;
+
+core::arch::global_asm!(
+    r#"
+    .pushsection .text.user, "ax"
+    /* u64 user_enter(UserFn f [rdi], u64 arg [rsi], u64 user_rsp [rdx]) */
+    .globl user_enter
+user_enter:
+    pushq %rbx
+    pushq %rbp
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, user_kernel_rsp(%rip)
+    pushq ${user_ss}
+    pushq %rdx
+    pushq $0x2                      /* RFLAGS: IF=0, IOPL=0 */
+    pushq ${user_cs}
+    leaq user_trampoline(%rip), %rax
+    pushq %rax
+    xorl %eax, %eax
+    xorl %ebx, %ebx
+    xorl %ecx, %ecx
+    xorl %edx, %edx
+    xorl %ebp, %ebp
+    iretq
+
+    /* ring 3 */
+user_trampoline:
+    movq %rdi, %rax
+    movq %rsi, %rdi
+    callq *%rax
+    int3
+    ud2
+
+    /* ring 0 via the DPL-3 gate, on IST2: drop the frame, back to user_enter's caller */
+    .globl user_return_entry
+user_return_entry:
+    movq user_kernel_rsp(%rip), %rsp
+    movl ${kernel_ds}, %ecx
+    movl %ecx, %ds
+    movl %ecx, %es
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbp
+    popq %rbx
+    retq
+    .popsection
+
+    .pushsection .data.user, "aw"
+    .balign 8
+user_kernel_rsp:
+    .quad 0
+    .popsection
+"#,
+    user_ss = const USER_DS as u64,
+    user_cs = const USER_CS as u64,
+    kernel_ds = const KERNEL_DS as u32,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn user_enter(f: UserFn, arg: u64, user_rsp: u64) -> u64;
+    fn user_return_entry();
+}
+
+/// Address of the return-gate handler (installed in the IDT by `cpu::init`).
+pub fn return_gate_addr() -> VirtAddr {
+    VirtAddr::new(user_return_entry as *const () as u64)
+}
+
+/// Runs `f(arg)` in ring 3 and returns its result. BSP only (one shared user stack); needs
+/// `cpu::init` (GDT user segments, IDT return gate).
+pub fn run(f: UserFn, arg: u64) -> u64 {
+    let top = (&raw mut USER_STACK as u64 + USER_STACK_SIZE as u64) & !0xf;
+    // SAFETY: cpu::init installed the return gate; the user stack is unused, mapped
+    // user-accessible (all identity mappings have U=1) and 16-byte aligned; user_enter
+    // saves and restores all callee-saved registers and the kernel RSP.
+    unsafe { user_enter(f, arg, top) }
+}
+
+/// Current privilege level (CS.RPL); callable from ring 3.
+pub fn current_ring() -> u64 {
+    let cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe {
+        core::arch::asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags))
+    };
+    (cs & 3) as u64
+}
