@@ -215,3 +215,14 @@ pub fn gas_write(reg: &GenericAddress, value: u64) -> Result<(), String> {
         s => Err(format!("unsupported register {s:?} at {:#x}", reg.address)),
     }
 }
+
+/// Writes `value` to the legacy PM1a_CNT_BLK I/O port (FADT offset 64).
+pub fn pm1a_cnt_port_write(fadt: u64, value: u16) -> Result<(), String> {
+    let port = read_u32(fadt + 64);
+    if port == 0 || port > 0xffff {
+        return Err(format!("no PM1a control block (PM1a_CNT_BLK={port:#x})"));
+    }
+    // SAFETY: the FADT names this port as the PM1a control register.
+    unsafe { Port::<u16>::new(port as u16).write(value) };
+    Ok(())
+}

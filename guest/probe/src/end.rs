@@ -49,16 +49,20 @@ fn poweroff(rsdp: u64) -> Result<(), String> {
     let slp_typ = acpi::s5_slp_typ(&tables)?;
     match fadt
         .sleep_control_register()
-        .map_err(|e| alloc::format!("{e:?}"))?
+        .ok()
+        .flatten()
+        .filter(|r| r.address != 0)
     {
         // Hardware-reduced ACPI: SLP_TYPx in bits 2..4, SLP_EN bit 5.
         Some(reg) => acpi::gas_write(&reg, (((slp_typ & 7) as u64) << 2) | (1 << 5)),
         // Legacy PM1a control: SLP_TYPx bits 10..12, SLP_EN bit 13.
         None => {
-            let reg = fadt
-                .pm1a_control_block()
-                .map_err(|e| alloc::format!("{e:?}"))?;
-            acpi::gas_write(&reg, (((slp_typ & 7) as u64) << 10) | (1 << 13))
+            let value = (((slp_typ & 7) as u64) << 10) | (1 << 13);
+            match fadt.pm1a_control_block() {
+                Ok(reg) if reg.address != 0 => acpi::gas_write(&reg, value),
+                // No usable X_PM1a_CNT_BLK: the 32-bit PM1a_CNT_BLK port (FADT offset 64).
+                _ => acpi::pm1a_cnt_port_write(fadt.physical_start() as u64, value as u16),
+            }
         }
     }
 }
