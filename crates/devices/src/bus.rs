@@ -24,7 +24,8 @@ pub enum BusError {
     BadRange(u64),
 }
 
-type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+/// A device as the bus holds it: shared with whoever else drives it (e.g. a console thread).
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 struct Range {
     len: u64,

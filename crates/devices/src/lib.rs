@@ -8,6 +8,6 @@ pub mod exit;
 pub mod irq;
 pub mod legacy;
 
-pub use bus::{Bus, BusDevice, BusError};
+pub use bus::{Bus, BusDevice, BusError, SharedDevice};
 pub use exit::{ExitRequest, ExitSignal};
 pub use irq::IrqLine;

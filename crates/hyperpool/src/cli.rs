@@ -64,6 +64,12 @@ pub enum OnRebootArg {
 
 #[derive(Subcommand)]
 pub enum GuestCommand {
+    /// Write the built-in guests (probe.elf, tiny.elf, tiny-idle.elf) into DIR, e.g. to boot
+    /// them under another VMM.
+    Probe {
+        /// Output directory.
+        dir: PathBuf,
+    },
     /// Build a Debian kernel and busybox initramfs (for hardware-KVM hosts) into DIR.
     Debian {
         /// Output directory.

@@ -5,6 +5,21 @@ use crate::cli::GuestCommand;
 
 pub fn run(cmd: GuestCommand) -> Result<u8, Failure> {
     match cmd {
+        GuestCommand::Probe { dir } => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Failure::usage(format!("{}: {e}", dir.display())))?;
+            for (name, bytes) in [
+                ("probe.elf", hyperpool_probe_image::PROBE_ELF),
+                ("tiny.elf", hyperpool_probe_image::TINY_ELF),
+                ("tiny-idle.elf", hyperpool_probe_image::TINY_IDLE_ELF),
+            ] {
+                let path = dir.join(name);
+                std::fs::write(&path, bytes)
+                    .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
+                println!("{}", path.display());
+            }
+            Ok(0)
+        }
         GuestCommand::Debian { dir } => {
             let guest = hyperpool_guest_images::build_debian(&dir, &mut |step| {
                 eprintln!("hyperpool: {step}")

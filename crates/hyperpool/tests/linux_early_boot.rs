@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ fn debian_guest() -> Option<PathBuf> {
 }
 
 /// Boots `kernel` until every `wanted` line has appeared (then stops it with SIGTERM).
-fn early_boot(kernel: &PathBuf, cpus: u32, wanted: &[String], limit: Duration) -> Vec<String> {
+fn early_boot(kernel: &Path, cpus: u32, wanted: &[String], limit: Duration) -> Vec<String> {
     let cpus_arg = format!("boot={cpus},{PVM_FEATURES}");
     let (mut child, lines) = spawn_lines(&[
         "run",

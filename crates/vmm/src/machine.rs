@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use hyperpool_acpi::AcpiConfig;
 use hyperpool_devices::legacy::{AcpiPm, BootTimer, Cmos, DebugExit, I8042, Serial, SerialInput};
-use hyperpool_devices::{Bus, BusDevice, ExitSignal, IrqLine};
+use hyperpool_devices::{Bus, ExitSignal, IrqLine, SharedDevice};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
@@ -50,6 +50,32 @@ pub struct Machine {
 
 pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> Result<Machine> {
     let vm = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
+    let memory = create_memory(cfg.memory.size)?;
+    // Registering a memory slot waits for a KVM SRCU grace period (milliseconds, the longest
+    // step of building a VM): start it first and build the rest meanwhile, which needs only
+    // the host mapping of guest memory.
+    let (vcpus, buses, exit, serial_input) = std::thread::scope(|scope| {
+        let registration = scope.spawn(|| register_memory(&vm, &memory));
+        let built =
+            create_platform(&vm).and_then(|()| populate(kvm, &vm, &memory, cfg, images, start));
+        let registered = registration
+            .join()
+            .unwrap_or_else(|_| Err(Error::Memory("memory registration thread panicked".into())));
+        registered.and(built)
+    })?;
+
+    Ok(Machine {
+        vcpus,
+        buses,
+        exit,
+        serial_input,
+        vm,
+        memory,
+    })
+}
+
+/// The in-kernel interrupt controllers and timer, and the addresses KVM keeps for itself.
+fn create_platform(vm: &VmFd) -> Result<()> {
     vm.set_tss_address(KVM_TSS_START as usize)
         .map_err(Error::kvm("setting the TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
@@ -60,14 +86,23 @@ pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> 
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     })
-    .map_err(Error::kvm("creating the in-kernel PIT"))?;
+    .map_err(Error::kvm("creating the in-kernel PIT"))
+}
 
-    let memory = create_memory(&vm, cfg.memory.size)?;
+/// Everything but memory registration: ACPI, the kernel, devices and vCPUs.
+fn populate(
+    kvm: &Kvm,
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    images: &BootImages,
+    start: Instant,
+) -> Result<(Vec<VcpuFd>, Buses, Arc<ExitSignal>, SerialInput)> {
     let map = memory_map(cfg.memory.size);
 
     let acpi = hyperpool_acpi::build(&acpi_config(cfg.cpus.boot))
         .map_err(|e| Error::Acpi(e.to_string()))?;
-    acpi.write_to(&memory)
+    acpi.write_to(memory)
         .map_err(|e| Error::Acpi(e.to_string()))?;
     if let Some(dir) = &cfg.dump_acpi {
         std::fs::create_dir_all(dir)
@@ -75,10 +110,10 @@ pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> 
             .map_err(|e| Error::Config(format!("--dump-acpi {}: {e}", dir.display())))?;
     }
 
-    write_descriptor_tables(&memory).map_err(|e| Error::Memory(e.to_string()))?;
+    write_descriptor_tables(memory).map_err(|e| Error::Memory(e.to_string()))?;
     let cmdline = cfg.effective_cmdline();
     let entry = boot::load(
-        &memory,
+        memory,
         images.protocol,
         &BootSpec {
             kernel: images.kernel,
@@ -94,7 +129,7 @@ pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> 
     })?;
 
     let exit = Arc::new(ExitSignal::new());
-    let (pio, serial_input) = platform_devices(&vm, cfg, &exit, start)?;
+    let (pio, serial_input) = platform_devices(vm, cfg, &exit, start)?;
     let buses = Buses {
         pio: Arc::new(pio),
         mmio: Arc::new(Bus::new()),
@@ -106,7 +141,7 @@ pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> 
     let vcpus = (0..cfg.cpus.boot)
         .map(|id| {
             vcpu::create(
-                &vm,
+                vm,
                 &VcpuSpec {
                     id,
                     count: cfg.cpus.boot,
@@ -118,23 +153,18 @@ pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> 
         })
         .collect::<Result<Vec<_>>>()?;
 
-    Ok(Machine {
-        vcpus,
-        buses,
-        exit,
-        serial_input,
-        vm,
-        memory,
-    })
+    Ok((vcpus, buses, exit, serial_input))
 }
 
-fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
+fn create_memory(size: u64) -> Result<GuestMemoryMmap> {
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let memory =
-        GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))
+}
+
+fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())
@@ -151,7 +181,7 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         unsafe { vm.set_user_memory_region(desc) }
             .map_err(Error::kvm("registering guest memory"))?;
     }
-    Ok(memory)
+    Ok(())
 }
 
 fn acpi_config(cpus: u32) -> AcpiConfig {
@@ -189,7 +219,7 @@ fn platform_devices(
     )));
 
     let below_4g = cfg.memory.size.min(MMIO32_START);
-    let devices: Vec<(u16, u64, Arc<Mutex<dyn BusDevice>>)> = vec![
+    let devices: Vec<(u16, u64, SharedDevice)> = vec![
         (COM1_PORT, 8, serial.clone()),
         (
             I8042_PORT,

@@ -51,6 +51,12 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
 pub const RTC_IRQ: u8 = 8;
 
+// The Linux entry's stack lies between the zero page and the page tables, which end before the
+// command line.
+const _: () = assert!(PD_START + 4 * 0x1000 <= CMDLINE_START);
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+
 /// The guest RAM ranges `(start, len)` for a guest of `size` bytes.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     let low = size.min(MMIO32_START);
@@ -95,7 +101,5 @@ mod tests {
         for w in areas.windows(2) {
             assert!(w[0].1 <= w[1].0, "{:#x?} overlaps {:#x?}", w[0], w[1]);
         }
-        assert!(PD_START + 4 * 0x1000 <= CMDLINE_START);
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
     }
 }

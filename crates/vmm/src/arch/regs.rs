@@ -126,8 +126,10 @@ mod tests {
         };
         let r = regs(e);
         assert_eq!((r.rax, r.rbx), (0x2bad_b002, 0x1000));
-        let mut base = kvm_sregs::default();
-        base.apic_base = 0xfee0_0900;
+        let base = kvm_sregs {
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        };
         let s = sregs(e, &base);
         assert_eq!((s.cr0, s.cr4, s.efer), (CR0_PE | CR0_ET, 0, 0));
         assert_eq!((s.cs.db, s.cs.l, s.cs.limit), (1, 0, 0xffff_ffff));
