@@ -1,6 +1,7 @@
 //! Building a VM from its configuration: KVM VM, guest memory, platform devices, ACPI, the loaded
 //! kernel and vCPUs ready to run.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -31,10 +32,10 @@ const ACPI_RESET_VALUE: u8 = 1;
 
 /// The kernel to boot, already read into memory.
 pub struct BootImages<'a> {
-    pub kernel: &'a [u8],
+    pub kernel: Cow<'a, [u8]>,
     pub protocol: Protocol,
     pub kernel_name: String,
-    pub initramfs: Option<&'a [u8]>,
+    pub initramfs: Option<Vec<u8>>,
 }
 
 /// A built VM whose vCPUs have not started yet.
@@ -116,8 +117,8 @@ fn populate(
         memory,
         images.protocol,
         &BootSpec {
-            kernel: images.kernel,
-            initramfs: images.initramfs,
+            kernel: &images.kernel,
+            initramfs: images.initramfs.as_deref(),
             cmdline: &cmdline,
             memory_map: &map,
             rsdp_addr: acpi.rsdp_addr,

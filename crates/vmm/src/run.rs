@@ -1,7 +1,7 @@
 //! The lifecycle of one VM process: validate, build, run until the guest or the host ends it,
 //! restart on reboot when asked, and say why it ended.
 
-use std::path::Path;
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -74,25 +74,19 @@ pub fn validate(cfg: &VmConfig, max_vcpus: u32, host_memory: Option<u64>) -> Res
     Ok(())
 }
 
-fn read_file(path: &Path, err: impl FnOnce(std::io::Error) -> Error) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(err)
-}
-
-/// Runs the VM described by `cfg`. `start` is when the process started (for the boot timer).
-pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
-    let kvm = host::open_kvm()?;
-    validate(cfg, host::max_vcpus(&kvm), host::host_memory())?;
-
-    let (kernel, kernel_name) = match &cfg.kernel {
+/// Reads the kernel (or takes the built-in probe) and the initramfs, and picks the protocol.
+/// Done again for each boot so a running VM does not keep a copy of its kernel in memory.
+fn load_images(cfg: &VmConfig) -> Result<BootImages<'static>> {
+    let (kernel, kernel_name): (Cow<'static, [u8]>, String) = match &cfg.kernel {
         Some(path) => (
-            read_file(path, |source| Error::KernelFile {
+            Cow::Owned(std::fs::read(path).map_err(|source| Error::KernelFile {
                 path: path.clone(),
                 source,
-            })?,
+            })?),
             path.display().to_string(),
         ),
         None => (
-            hyperpool_probe_image::PROBE_ELF.to_vec(),
+            Cow::Borrowed(hyperpool_probe_image::PROBE_ELF),
             "(built-in probe guest)".to_string(),
         ),
     };
@@ -101,30 +95,39 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
         source,
     })?;
     let initramfs = match &cfg.initramfs {
-        Some(path) => Some(read_file(path, |source| Error::InitramfsFile {
+        Some(path) => Some(std::fs::read(path).map_err(|source| Error::InitramfsFile {
             path: path.clone(),
             source,
         })?),
         None => None,
     };
-    let images = BootImages {
-        kernel: &kernel,
+    Ok(BootImages {
+        kernel,
         protocol,
         kernel_name,
-        initramfs: initramfs.as_deref(),
-    };
-    tracing::info!(
-        "booting {} as {} with {} vCPU(s), {} MiB{}",
-        images.kernel_name,
-        protocol,
-        cfg.cpus.boot,
-        cfg.memory.size >> 20,
-        if cfg.cpus.template.is_empty() {
-            String::new()
-        } else {
-            format!(", CPU features {}", cfg.cpus.template)
-        }
-    );
+        initramfs,
+    })
+}
+
+/// Runs the VM described by `cfg`. `start` is when the process started (for the boot timer).
+pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
+    let kvm = host::open_kvm()?;
+    validate(cfg, host::max_vcpus(&kvm), host::host_memory())?;
+    let mut images = Some(load_images(cfg)?);
+    if let Some(images) = &images {
+        tracing::info!(
+            "booting {} as {} with {} vCPU(s), {} MiB{}",
+            images.kernel_name,
+            images.protocol,
+            cfg.cpus.boot,
+            cfg.memory.size >> 20,
+            if cfg.cpus.template.is_empty() {
+                String::new()
+            } else {
+                format!(", CPU features {}", cfg.cpus.template)
+            }
+        );
+    }
     if host::is_pvm() && cfg.kernel.is_some() {
         tracing::info!(
             "this host's KVM is PVM: guest kernel code is emulated (slow); stock Linux needs --cpus features={PVM_UNSUPPORTED_FEATURES}"
@@ -143,7 +146,12 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
     };
 
     loop {
-        let machine = machine::build(&kvm, cfg, &images, start)?;
+        let boot_images = match images.take() {
+            Some(loaded) => loaded,
+            None => load_images(cfg)?,
+        };
+        let machine = machine::build(&kvm, cfg, &boot_images, start)?;
+        drop(boot_images);
         let outcome = run_machine(machine, &signals, &input)?;
         match outcome {
             Outcome::Reset if cfg.on_reboot == OnReboot::Restart => {
@@ -196,7 +204,7 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
         for t in &remaining {
             let _ = t.kill(SIGRTMIN());
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(50));
         let (done, running): (Vec<_>, Vec<_>) =
             remaining.into_iter().partition(|t| t.is_finished());
         for t in done {
