@@ -21,6 +21,7 @@ const BINARIES: [(&str, &str); 3] = [
     ("hyperpool-probe", "probe.elf"),
     ("tiny", "tiny.elf"),
     ("tiny-idle", "tiny-idle.elf"),
+    ("tiny-multiboot", "tiny-multiboot.elf"),
 ];
 
 /// Variables removed from the nested cargo's environment, besides the prefixes below.

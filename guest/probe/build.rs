@@ -10,4 +10,6 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
     println!("cargo:rustc-link-arg-bins=-Wl,-z,max-page-size=4096");
     println!("cargo:rustc-link-arg-bins=-Wl,--build-id=none");
+    // The Multiboot test kernel has no PVH entry; its ELF entry is the Multiboot one.
+    println!("cargo:rustc-link-arg-bin=tiny-multiboot=-Wl,-e,mb_start32");
 }

@@ -64,7 +64,7 @@ pub enum OnRebootArg {
 
 #[derive(Subcommand)]
 pub enum GuestCommand {
-    /// Write the built-in guests (probe.elf, tiny.elf, tiny-idle.elf) into DIR, e.g. to boot
+    /// Write the built-in guests (probe.elf, tiny.elf, tiny-idle.elf, tiny-multiboot.elf) into DIR, e.g. to boot
     /// them under another VMM.
     Probe {
         /// Output directory.

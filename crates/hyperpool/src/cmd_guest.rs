@@ -12,6 +12,10 @@ pub fn run(cmd: GuestCommand) -> Result<u8, Failure> {
                 ("probe.elf", hyperpool_probe_image::PROBE_ELF),
                 ("tiny.elf", hyperpool_probe_image::TINY_ELF),
                 ("tiny-idle.elf", hyperpool_probe_image::TINY_IDLE_ELF),
+                (
+                    "tiny-multiboot.elf",
+                    hyperpool_probe_image::TINY_MULTIBOOT_ELF,
+                ),
             ] {
                 let path = dir.join(name);
                 std::fs::write(&path, bytes)

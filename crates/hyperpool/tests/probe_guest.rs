@@ -235,3 +235,37 @@ fn dumped_acpi_tables_disassemble_with_iasl() {
     let madt = std::fs::read_to_string(dir.path().join("APIC.dsl")).unwrap();
     assert_eq!(madt.matches("Processor Local APIC").count(), 4, "{madt}");
 }
+
+#[test]
+fn multiboot_kernel_gets_magic_memory_map_and_cmdline() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let f = run(&["guest", "probe", d], PROBE_LIMIT);
+    assert_eq!(f.code(), 0, "{}", f.describe());
+    let kernel = dir.path().join("tiny-multiboot.elf");
+    let f = run(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "mb=1",
+        ],
+        PROBE_LIMIT,
+    );
+    assert!(
+        f.stdout.contains("hyperpool-tiny-multiboot"),
+        "{}",
+        f.describe()
+    );
+    assert!(f.stderr.contains("as Multiboot"), "{}", f.describe());
+    assert_eq!(
+        f.code(),
+        33,
+        "0x10 = magic and info flags right\n{}",
+        f.describe()
+    );
+}

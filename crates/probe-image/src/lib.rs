@@ -17,6 +17,10 @@ pub const PROBE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf
 pub const TINY_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tiny.elf"));
 /// Minimal guest: boot mark, one line, idle forever.
 pub const TINY_IDLE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tiny-idle.elf"));
+/// Multiboot v1 test kernel (no PVH note): checks the loader's magic and information structure,
+/// then debug-exits with 0x10 (ok) or 0x11.
+pub const TINY_MULTIBOOT_ELF: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tiny-multiboot.elf"));
 
 #[cfg(test)]
 mod tests {

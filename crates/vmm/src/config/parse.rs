@@ -10,14 +10,13 @@ use crate::arch::cpu_template::CpuTemplate;
 fn pairs<'a>(option: &str, text: &'a str) -> Result<Vec<(&'a str, String)>, String> {
     let mut out: Vec<(&str, String)> = Vec::new();
     for item in text.split(',').filter(|s| !s.is_empty()) {
-        match item.split_once('=') {
-            Some((k, v)) => out.push((k.trim(), v.to_string())),
-            None if item.starts_with('-') && !out.is_empty() => {
-                let last = out.last_mut().map(|(_, v)| v).ok_or_else(String::new)?;
+        match (item.split_once('='), out.last_mut()) {
+            (Some((k, v)), _) => out.push((k.trim(), v.to_string())),
+            (None, Some((_, last))) if item.starts_with('-') => {
                 last.push(',');
                 last.push_str(item);
             }
-            None => return Err(format!("'{item}' is not key=value (in {option})")),
+            (None, _) => return Err(format!("'{item}' is not key=value (in {option})")),
         }
     }
     Ok(out)
