@@ -17,7 +17,7 @@ const GUEST_RUSTFLAGS: &str = "-C relocation-model=static \
     -C link-arg=-nostartfiles -C link-arg=-nostdlib -C link-arg=-static -C link-arg=-no-pie \
     -C link-arg=-Wl,--no-dynamic-linker -C target-feature=-sse,-sse2";
 /// (binary name in the guest package, file name in OUT_DIR)
-const BINARIES: [(&str, &str); 3] = [
+const BINARIES: [(&str, &str); 4] = [
     ("hyperpool-probe", "probe.elf"),
     ("tiny", "tiny.elf"),
     ("tiny-idle", "tiny-idle.elf"),
