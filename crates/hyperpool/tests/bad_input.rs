@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn assert_usage_error(f: &Finished, needle: &str) {
@@ -27,14 +27,7 @@ fn fails(args: &[&str], needle: &str) {
     let mut full = vec!["run"];
     full.extend_from_slice(args);
     // Logging off: only the error line may reach stderr.
-    let child = Command::new(hyperpool())
-        .args(&full)
-        .env("HYPERPOOL_LOG", "off")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = command(&full).env("HYPERPOOL_LOG", "off").spawn().unwrap();
     let f = wait_with_limit(child, Duration::from_secs(30));
     assert_usage_error(&f, needle);
 }
@@ -105,11 +98,7 @@ fn kvm_missing_or_not_accessible() {
         .args(["-m", "sh", "-c", &script])
         .output()
         .unwrap();
-    let f = Finished {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    };
+    let f = Finished::from(out);
     assert_usage_error(&f, "/dev/kvm does not exist");
 
     // An unprivileged user cannot open the root-only /dev/kvm.
@@ -120,11 +109,7 @@ fn kvm_missing_or_not_accessible() {
         .env("HYPERPOOL_LOG", "off")
         .output()
         .unwrap();
-    let f = Finished {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    };
+    let f = Finished::from(out);
     let mode = std::fs::metadata("/dev/kvm")
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
     if mode.is_ok_and(|m| m & 0o006 == 0) {

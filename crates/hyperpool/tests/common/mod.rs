@@ -29,6 +29,16 @@ pub struct Finished {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Finished {
+    fn from(out: std::process::Output) -> Self {
+        Self {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    }
+}
+
 impl Finished {
     pub fn code(&self) -> i32 {
         self.status.code().unwrap_or(-1)
@@ -61,16 +71,19 @@ impl Finished {
     }
 }
 
-/// Runs `hyperpool ARGS` with stdin closed, killing it after `limit`.
-pub fn run(args: &[&str], limit: Duration) -> Finished {
-    let child = Command::new(hyperpool())
-        .args(args)
+/// `hyperpool ARGS` with stdin closed and its output captured.
+pub fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(hyperpool());
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hyperpool");
-    wait_with_limit(child, limit)
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs `hyperpool ARGS`, killing it after `limit`.
+pub fn run(args: &[&str], limit: Duration) -> Finished {
+    wait_with_limit(command(args).spawn().expect("spawn hyperpool"), limit)
 }
 
 pub fn wait_with_limit(mut child: Child, limit: Duration) -> Finished {
@@ -115,13 +128,7 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Finished {
 
 /// Spawns `hyperpool ARGS` and hands back its stdout lines as they come.
 pub fn spawn_lines(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
-    let mut child = Command::new(hyperpool())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hyperpool");
+    let mut child = command(args).spawn().expect("spawn hyperpool");
     let out = child.stdout.take().expect("stdout piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
