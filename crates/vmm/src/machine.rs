@@ -51,19 +51,12 @@ pub struct Machine {
 
 pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> Result<Machine> {
     let vm = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
+    // Memory goes in before the irqchip exists: afterwards each slot change waits for a KVM SRCU
+    // grace period (measured on PVM: 0.15 ms before, 6-7 ms after).
     let memory = create_memory(cfg.memory.size)?;
-    // Registering a memory slot waits for a KVM SRCU grace period (milliseconds, the longest
-    // step of building a VM): start it first and build the rest meanwhile, which needs only
-    // the host mapping of guest memory.
-    let (vcpus, buses, exit, serial_input) = std::thread::scope(|scope| {
-        let registration = scope.spawn(|| register_memory(&vm, &memory));
-        let built =
-            create_platform(&vm).and_then(|()| populate(kvm, &vm, &memory, cfg, images, start));
-        let registered = registration
-            .join()
-            .unwrap_or_else(|_| Err(Error::Memory("memory registration thread panicked".into())));
-        registered.and(built)
-    })?;
+    register_memory(&vm, &memory)?;
+    create_platform(&vm)?;
+    let (vcpus, buses, exit, serial_input) = populate(kvm, &vm, &memory, cfg, images, start)?;
 
     Ok(Machine {
         vcpus,
