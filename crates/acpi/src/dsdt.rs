@@ -10,6 +10,7 @@
 //!     Device (CPUS) { _HID ACPI0010                     // processor container
 //!         Device (Cnnn) { _HID ACPI0007, _UID apic_id, _STA 0xF } // per vCPU
 //!     }
+//!     Device (PCI0) { ... }, Device (MBRD) { ... }      if pci: see pci.rs
 //! }
 //! ```
 //!
@@ -36,7 +37,7 @@ const STA_ENABLED: u8 = 0xF;
 
 /// Already-serialised AML, so finished devices can be nested without keeping
 /// every borrowed builder alive.
-struct RawAml(Vec<u8>);
+pub(crate) struct RawAml(pub(crate) Vec<u8>);
 
 impl Aml for RawAml {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
@@ -50,12 +51,12 @@ fn isa_irq(irq: u8) -> aml::Interrupt {
 }
 
 /// A fixed range of `len` I/O ports at `base`.
-fn io_ports(base: u16, len: u8) -> aml::IO {
+pub(crate) fn io_ports(base: u16, len: u8) -> aml::IO {
     aml::IO::new(base, base, 1, len)
 }
 
 /// `Name (_CRS, ResourceTemplate () { resources })`.
-fn crs(resources: Vec<&dyn Aml>) -> aml::Name {
+pub(crate) fn crs(resources: Vec<&dyn Aml>) -> aml::Name {
     aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources))
 }
 
@@ -139,6 +140,10 @@ fn body(cfg: &AcpiConfig) -> Vec<u8> {
         devices.push(rtc_device(base, irq));
     }
     devices.push(cpus_container(cfg.cpus));
+    if let Some(pci) = &cfg.pci {
+        devices.push(crate::pci::root_bridge(pci));
+        devices.push(crate::pci::motherboard_resources(pci));
+    }
 
     let s5 = aml::Name::new(
         "_S5_".into(),

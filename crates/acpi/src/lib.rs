@@ -1,7 +1,7 @@
 //! Guest ACPI tables for Hyperpool's x86-64 guests.
 //!
 //! [`build`] turns an [`AcpiConfig`] into an RSDP plus the XSDT, FADT (`FACP`),
-//! DSDT and MADT (`APIC`), already placed at guest-physical addresses inside
+//! DSDT, MADT (`APIC`) and, with PCI, the MCFG, already placed at guest-physical addresses inside
 //! `[rsdp_addr, tables_end)` and checksummed. The table layouts come from the
 //! rust-vmm `acpi_tables` crate; this crate only decides their contents and
 //! placement. Building is pure (no KVM): [`AcpiTables::write_to`] copies the
@@ -14,6 +14,8 @@ mod error;
 mod fadt;
 mod layout;
 mod madt;
+mod mcfg;
+mod pci;
 mod root;
 
 use std::path::Path;
@@ -67,6 +69,47 @@ pub struct AcpiConfig {
     pub i8042: bool,
     /// CMOS RTC as (I/O base, IRQ): a PNP0B00 device.
     pub rtc: Option<(u16, u8)>,
+    /// The PCIe root bridge: an MCFG table and `PCI0` in the DSDT.
+    pub pci: Option<PciConfig>,
+}
+
+/// The PCIe root complex as ACPI describes it: segment 0, buses `0..=bus_end`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciConfig {
+    /// ECAM base (bus 0); 1 MiB per bus, reserved as a PNP0C02 motherboard resource.
+    pub ecam_base: u64,
+    pub bus_end: u8,
+    /// `[start, end)` of the 32-bit BAR window (below 4 GiB).
+    pub mmio32: (u64, u64),
+    /// `[start, end)` of the 64-bit BAR window.
+    pub mmio64: (u64, u64),
+    /// `_PRT`: (slot, pin 0 = INTA#..3 = INTD#, GSI) for every slot that may have INTx.
+    pub intx_routes: Vec<(u8, u8, u32)>,
+}
+
+impl PciConfig {
+    /// Bytes of ECAM for buses `0..=bus_end`.
+    pub fn ecam_size(&self) -> u64 {
+        (u64::from(self.bus_end) + 1) << 20
+    }
+}
+
+impl Default for PciConfig {
+    /// Bus 0 only, ECAM at 0xE000_0000, BARs in 0xC000_0000..0xE000_0000 and 64 GiB from
+    /// 64 GiB, INTx of slots 1..31 swizzled over GSIs 16..19.
+    fn default() -> Self {
+        Self {
+            ecam_base: 0xe000_0000,
+            bus_end: 0,
+            mmio32: (0xc000_0000, 0xe000_0000),
+            mmio64: (64 << 30, 128 << 30),
+            intx_routes: (1..32u8)
+                .flat_map(|slot| {
+                    (0..4u8).map(move |pin| (slot, pin, 16 + u32::from((slot + pin) % 4)))
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Default for AcpiConfig {
@@ -89,6 +132,7 @@ impl Default for AcpiConfig {
             serial: Some((0x3F8, 4)),
             i8042: true,
             rtc: Some((0x70, 8)),
+            pci: Some(PciConfig::default()),
         }
     }
 }
@@ -107,7 +151,7 @@ pub struct AcpiTables {
     pub rsdp_addr: u64,
     /// The 36-byte ACPI 2.0+ RSDP.
     pub rsdp: Vec<u8>,
-    /// XSDT, FACP, DSDT, APIC, in ascending address order.
+    /// XSDT, FACP, DSDT, APIC, then MCFG when there is PCI, in ascending address order.
     pub tables: Vec<AcpiTable>,
 }
 
@@ -127,20 +171,26 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     // every size is known and the layout can be decided in one pass.
     let dsdt = dsdt::build(cfg);
     let madt = madt::build(cfg);
-    const XSDT_ENTRIES: usize = 2; // FACP, APIC (the DSDT hangs off the FADT)
+    let mcfg = cfg.pci.as_ref().map(mcfg::build);
+    // FACP, APIC, MCFG (the DSDT hangs off the FADT).
+    let xsdt_entries = 2 + usize::from(mcfg.is_some());
 
     let mut placer = Placer::new(cfg.rsdp_addr, cfg.tables_end, TABLE_ALIGN)?;
     let rsdp_addr = placer.place(root::RSDP_LEN)?;
-    let xsdt_addr = placer.place(root::xsdt_len(XSDT_ENTRIES))?;
+    let xsdt_addr = placer.place(root::xsdt_len(xsdt_entries))?;
     let fadt_addr = placer.place(fadt::LEN)?;
     let dsdt_addr = placer.place(dsdt.len())?;
     let madt_addr = placer.place(madt.len())?;
+    let mcfg_addr = mcfg.as_ref().map(|t| placer.place(t.len())).transpose()?;
 
     let fadt = fadt::build(cfg, dsdt_addr);
-    let xsdt = root::build_xsdt(&[fadt_addr, madt_addr]);
+    let mut entries = vec![fadt_addr, madt_addr];
+    entries.extend(mcfg_addr);
+    let xsdt = root::build_xsdt(&entries);
     let rsdp = root::build_rsdp(xsdt_addr);
     debug_assert_eq!(rsdp.len(), root::RSDP_LEN);
-    debug_assert_eq!(xsdt.len(), root::xsdt_len(XSDT_ENTRIES));
+    debug_assert_eq!(xsdt.len(), root::xsdt_len(xsdt_entries));
+    debug_assert!(mcfg.as_ref().is_none_or(|t| t.len() == mcfg::LEN));
     debug_assert_eq!(fadt.len(), fadt::LEN);
 
     let table = |signature: &[u8; 4], addr, bytes| AcpiTable {
@@ -148,15 +198,19 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
         addr,
         bytes,
     };
+    let mut tables = vec![
+        table(b"XSDT", xsdt_addr, xsdt),
+        table(b"FACP", fadt_addr, fadt),
+        table(b"DSDT", dsdt_addr, dsdt),
+        table(b"APIC", madt_addr, madt),
+    ];
+    if let (Some(addr), Some(bytes)) = (mcfg_addr, mcfg) {
+        tables.push(table(b"MCFG", addr, bytes));
+    }
     Ok(AcpiTables {
         rsdp_addr,
         rsdp,
-        tables: vec![
-            table(b"XSDT", xsdt_addr, xsdt),
-            table(b"FACP", fadt_addr, fadt),
-            table(b"DSDT", dsdt_addr, dsdt),
-            table(b"APIC", madt_addr, madt),
-        ],
+        tables,
     })
 }
 

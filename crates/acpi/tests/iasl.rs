@@ -19,8 +19,6 @@ use std::process::Command;
 use common::cfg;
 use hyperpool_acpi::{AcpiConfig, build};
 
-const SDT_FILES: [&str; 4] = ["XSDT", "FACP", "DSDT", "APIC"];
-
 /// Whether `iasl` can run; panics if it is missing under `CI=true`.
 fn have_iasl() -> bool {
     match Command::new("iasl").arg("-v").output() {
@@ -56,22 +54,23 @@ fn disassemble(dir: &Path, name: &str) -> Result<String, String> {
 }
 
 /// Dumps `cfg`'s tables and disassembles every SDT; returns the .dsl texts.
-fn disassemble_all(cfg: &AcpiConfig) -> Vec<(&'static str, String)> {
+fn disassemble_all(cfg: &AcpiConfig) -> Vec<(String, String)> {
     let dir = tempfile::tempdir().unwrap();
-    build(cfg).unwrap().dump(dir.path()).unwrap();
+    let tables = build(cfg).unwrap();
+    tables.dump(dir.path()).unwrap();
     assert!(dir.path().join("RSDP.dat").is_file());
-    SDT_FILES
+    tables
+        .tables
         .iter()
-        .map(|name| {
-            (
-                *name,
-                disassemble(dir.path(), name).unwrap_or_else(|e| panic!("{e}")),
-            )
+        .map(|t| {
+            let name = String::from_utf8_lossy(&t.signature).into_owned();
+            let dsl = disassemble(dir.path(), &name).unwrap_or_else(|e| panic!("{e}"));
+            (name, dsl)
         })
         .collect()
 }
 
-fn dsl<'a>(all: &'a [(&str, String)], name: &str) -> &'a str {
+fn dsl<'a>(all: &'a [(String, String)], name: &str) -> &'a str {
     &all.iter().find(|(n, _)| *n == name).unwrap().1
 }
 
@@ -103,6 +102,24 @@ fn iasl_disassembles_every_table() {
         assert!(fadt.contains("Hardware Reduced (V5) : 1"), "{fadt}");
         assert!(fadt.contains("Reset Register Supported (V2) : 1"), "{fadt}");
 
+        for needle in [
+            "Device (PCI0)",
+            "EisaId (\"PNP0A08\")",
+            "EisaId (\"PNP0A03\")",
+            "WordBusNumber (ResourceProducer",
+            "0x0CF8,             // Range Minimum",
+            "DWordMemory (ResourceProducer",
+            "QWordMemory (ResourceProducer",
+            "Name (_PRT, Package (0x7C)",
+            "EisaId (\"PNP0C02\")",
+        ] {
+            assert!(dsdt.contains(needle), "DSDT lacks {needle:?}:\n{dsdt}");
+        }
+
+        let mcfg = dsl(&all, "MCFG");
+        assert!(mcfg.contains("Base Address : 00000000E0000000"), "{mcfg}");
+        assert!(mcfg.contains("End Bus Number : 00"), "{mcfg}");
+
         let madt = dsl(&all, "APIC");
         assert!(madt.contains("PC-AT Compatibility : 1"), "{madt}");
         assert!(madt.contains("[Interrupt Source Override]"), "{madt}");
@@ -122,8 +139,10 @@ fn iasl_disassembles_minimal_platform() {
         rtc: None,
         ..cfg(1)
     };
-    let all = disassemble_all(&bare);
+    let all = disassemble_all(&AcpiConfig { pci: None, ..bare });
+    assert!(all.iter().all(|(name, _)| name != "MCFG"));
     let dsdt = dsl(&all, "DSDT");
+    assert!(!dsdt.contains("PCI0"));
     assert!(!dsdt.contains("PNP0501") && !dsdt.contains("PNP0303") && !dsdt.contains("PNP0B00"));
     assert!(dsl(&all, "FACP").contains("CMOS RTC Not Present (V5) : 1"));
 }

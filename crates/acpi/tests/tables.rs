@@ -20,7 +20,14 @@ fn get<'a>(t: &'a AcpiTables, sig: &[u8; 4]) -> &'a [u8] {
 fn builds_the_expected_tables_in_order() {
     let t = tables(1);
     let sigs: Vec<&[u8; 4]> = t.tables.iter().map(|t| &t.signature).collect();
-    assert_eq!(sigs, [b"XSDT", b"FACP", b"DSDT", b"APIC"]);
+    assert_eq!(sigs, [b"XSDT", b"FACP", b"DSDT", b"APIC", b"MCFG"]);
+    let no_pci = build(&AcpiConfig {
+        pci: None,
+        ..cfg(1)
+    })
+    .unwrap();
+    assert!(no_pci.table(b"MCFG").is_none());
+    assert_eq!(no_pci.tables.len(), 4);
     for table in &t.tables {
         assert_eq!(&table.bytes[0..4], &table.signature);
         assert_eq!(
@@ -64,7 +71,7 @@ fn xsdt_lists_fadt_and_madt() {
     let xsdt = get(&t, b"XSDT");
     let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
     let addr = |sig| t.table(sig).unwrap().addr;
-    assert_eq!(entries, [addr(b"FACP"), addr(b"APIC")]);
+    assert_eq!(entries, [addr(b"FACP"), addr(b"APIC"), addr(b"MCFG")]);
 }
 
 #[test]
@@ -347,4 +354,26 @@ fn write_to_too_small_guest_memory_fails() {
         Err(AcpiError::GuestMemory { addr, .. }) => assert!(addr >= 0xE0000),
         other => panic!("expected GuestMemory error, got {other:?}"),
     }
+}
+
+#[test]
+fn mcfg_describes_the_ecam_window() {
+    let pci = hyperpool_acpi::PciConfig {
+        ecam_base: 0xb000_0000,
+        bus_end: 3,
+        ..Default::default()
+    };
+    let t = build(&AcpiConfig {
+        pci: Some(pci),
+        ..cfg(2)
+    })
+    .unwrap();
+    let mcfg = get(&t, b"MCFG");
+    assert_eq!(mcfg.len(), 60);
+    assert_eq!(sum(mcfg), 0);
+    assert_eq!(mcfg[8], 1, "revision");
+    assert_eq!(u64_at(mcfg, 36), 0, "reserved");
+    assert_eq!(u64_at(mcfg, 44), 0xb000_0000, "ECAM base");
+    assert_eq!(u16_at(mcfg, 52), 0, "segment");
+    assert_eq!((mcfg[54], mcfg[55]), (0, 3), "bus range");
 }

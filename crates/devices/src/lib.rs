@@ -7,6 +7,8 @@ pub mod bus;
 pub mod exit;
 pub mod irq;
 pub mod legacy;
+pub mod pci;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, SharedDevice};
 pub use exit::{ExitRequest, ExitSignal};

@@ -60,6 +60,7 @@ fn impossible_resources() {
     fails(&["--cpus", "100000"], "allows at most");
     fails(&["--memory", "8M"], "at least 16 MiB");
     fails(&["--memory", "64T"], "the host has only");
+    fails(&["--memory", "1.1G"], "4 KiB pages");
 }
 
 #[test]
@@ -75,6 +76,23 @@ fn bad_files() {
     fails(&["--kernel", text.to_str().unwrap()], "is not a kernel");
     fails(&["--kernel", dir.path().to_str().unwrap()], "kernel");
     fails(&["--initramfs", missing.to_str().unwrap()], "initramfs");
+    fails(&["--kernel", "/dev/zero"], "not a regular file");
+    let big = dir.path().join("big.img");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    fails(
+        &["--memory", "32M", "--initramfs", big.to_str().unwrap()],
+        "larger than the guest's memory",
+    );
+    // A bzImage header without the 64-bit entry (protocol 2.11, as a 32-bit kernel has).
+    let mut bz = vec![0u8; 4096];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020bu16.to_le_bytes());
+    let old = dir.path().join("bzImage-i386");
+    std::fs::write(&old, &bz).unwrap();
+    fails(&["--kernel", old.to_str().unwrap()], "only 64-bit kernels");
     let unwritable = dir.path().join("no-such-dir/console.log");
     fails(
         &["--serial", &format!("file={}", unwritable.display())],

@@ -87,6 +87,7 @@ fn expectations(cpus: u32) -> Vec<String> {
         "ACPI: FACP 0x",
         "ACPI: DSDT 0x",
         "ACPI: APIC 0x",
+        "ACPI: MCFG 0x",
         "IOAPIC[0]: apic_id 0",
         "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2",
         "ACPI: Using ACPI (MADT) for SMP configuration information",

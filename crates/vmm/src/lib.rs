@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod host;
 pub mod machine;
+pub mod pci;
 pub mod run;
 pub mod serial_io;
 pub mod vcpu;

@@ -42,6 +42,8 @@ impl Outcome {
 /// CPU features KVM on PVM hosts advertises but cannot run in a guest kernel.
 pub const PVM_UNSUPPORTED_FEATURES: &str = "-cx16,-xsave,-la57";
 
+const PAGE_SIZE: u64 = 4096;
+
 /// Even, so it never collides with a debug-exit code (always odd).
 pub const GUEST_FATAL_EXIT_CODE: i32 = 4;
 
@@ -64,6 +66,11 @@ pub fn validate(cfg: &VmConfig, max_vcpus: u32, host_memory: Option<u64>) -> Res
             MIN_MEMORY >> 20
         )));
     }
+    if mem % PAGE_SIZE != 0 {
+        return Err(Error::Config(format!(
+            "--memory: {mem} bytes is not a whole number of 4 KiB pages; use a size like 512M or 1G"
+        )));
+    }
     if let Some(host) = host_memory.filter(|&h| mem > h) {
         return Err(Error::Config(format!(
             "--memory: {} MiB asked but the host has only {} MiB",
@@ -77,9 +84,10 @@ pub fn validate(cfg: &VmConfig, max_vcpus: u32, host_memory: Option<u64>) -> Res
 /// Reads the kernel (or takes the built-in probe) and the initramfs, and picks the protocol.
 /// Done again for each boot so a running VM does not keep a copy of its kernel in memory.
 fn load_images(cfg: &VmConfig) -> Result<BootImages<'static>> {
+    let limit = cfg.memory.size;
     let (kernel, kernel_name): (Cow<'static, [u8]>, String) = match &cfg.kernel {
         Some(path) => (
-            Cow::Owned(std::fs::read(path).map_err(|source| Error::KernelFile {
+            Cow::Owned(read_image(path, limit).map_err(|source| Error::KernelFile {
                 path: path.clone(),
                 source,
             })?),
@@ -95,10 +103,12 @@ fn load_images(cfg: &VmConfig) -> Result<BootImages<'static>> {
         source,
     })?;
     let initramfs = match &cfg.initramfs {
-        Some(path) => Some(std::fs::read(path).map_err(|source| Error::InitramfsFile {
-            path: path.clone(),
-            source,
-        })?),
+        Some(path) => Some(
+            read_image(path, limit).map_err(|source| Error::InitramfsFile {
+                path: path.clone(),
+                source,
+            })?,
+        ),
         None => None,
     };
     Ok(BootImages {
@@ -107,6 +117,29 @@ fn load_images(cfg: &VmConfig) -> Result<BootImages<'static>> {
         kernel_name,
         initramfs,
     })
+}
+
+/// Reads a kernel or initramfs: a regular file no larger than guest memory (so `/dev/zero` or a
+/// disk image given by mistake is refused instead of read until the host runs out of memory).
+fn read_image(path: &std::path::Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} MiB is larger than the guest's memory ({} MiB)",
+                meta.len() >> 20,
+                limit >> 20
+            ),
+        ));
+    }
+    std::fs::read(path)
 }
 
 /// Runs the VM described by `cfg`. `start` is when the process started (for the boot timer).
@@ -155,6 +188,9 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
         let outcome = run_machine(machine, &signals, &input)?;
         match outcome {
             Outcome::Reset if cfg.on_reboot == OnReboot::Restart => {
+                if let Some(sig) = signals.received() {
+                    return Ok(Outcome::Signal(sig));
+                }
                 tracing::info!("guest reset: restarting the VM");
             }
             outcome => return Ok(outcome),
@@ -199,8 +235,19 @@ fn run_machine(
 /// Interrupts every vCPU thread until it has seen the exit request and returned. Repeats the kick
 /// because a signal sent just before a thread re-enters KVM_RUN would otherwise be missed.
 fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    let deadline = Instant::now() + STOP_DEADLINE;
     let mut remaining = threads;
     while !remaining.is_empty() {
+        if Instant::now() > deadline {
+            // A vCPU stuck in a device (e.g. a blocked console write) must not keep the VMM
+            // alive: the process is about to exit or rebuild, and the thread holds its own
+            // references to what it uses.
+            tracing::error!(
+                "{} vCPU thread(s) did not stop within {STOP_DEADLINE:?}",
+                remaining.len()
+            );
+            return;
+        }
         for t in &remaining {
             let _ = t.kill(SIGRTMIN());
         }
@@ -216,6 +263,9 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     }
 }
 
+/// How long vCPU threads get to leave KVM_RUN after a stop.
+const STOP_DEADLINE: Duration = Duration::from_secs(2);
+
 extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 fn install_vcpu_kick_handler() -> Result<()> {
@@ -228,32 +278,53 @@ fn install_vcpu_kick_handler() -> Result<()> {
     result
 }
 
-/// Turns SIGTERM/SIGINT into a stop request for whichever VM is current.
+/// Turns SIGTERM/SIGINT into a stop request for whichever VM is current. A signal that arrives
+/// while no VM runs (start-up, between reboots) is kept and stops the next one at once.
 struct SignalForwarder {
-    current: Arc<Mutex<Option<Arc<ExitSignal>>>>,
+    state: Arc<Mutex<SignalState>>,
+}
+
+#[derive(Default)]
+struct SignalState {
+    current: Option<Arc<ExitSignal>>,
+    received: Option<i32>,
 }
 
 impl SignalForwarder {
     fn start() -> Result<Self> {
-        let current: Arc<Mutex<Option<Arc<ExitSignal>>>> = Arc::default();
+        let state: Arc<Mutex<SignalState>> = Arc::default();
         let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
             .map_err(Error::io("installing SIGTERM/SIGINT handlers"))?;
-        let target = current.clone();
+        let target = state.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 for sig in signals.forever() {
-                    if let Some(exit) = target.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    let mut state = target.lock().unwrap_or_else(|p| p.into_inner());
+                    state.received.get_or_insert(sig);
+                    if let Some(exit) = &state.current {
                         exit.request(ExitRequest::Signal(sig));
                     }
                 }
             })
             .map_err(Error::io("spawning the signal thread"))?;
-        Ok(Self { current })
+        Ok(Self { state })
     }
 
     fn attach(&self, exit: Arc<ExitSignal>) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sig) = state.received {
+            exit.request(ExitRequest::Signal(sig));
+        }
+        state.current = Some(exit);
+    }
+
+    /// The first stop signal received, if any.
+    fn received(&self) -> Option<i32> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .received
     }
 }
 

@@ -2,10 +2,9 @@
 
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 use std::time::Duration;
-
-use vmm_sys_util::terminal::Terminal;
 
 use crate::config::SerialConfig;
 use crate::error::{Error, Result};
@@ -25,7 +24,8 @@ pub fn output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>> {
     })
 }
 
-static RAW: AtomicBool = AtomicBool::new(false);
+/// The terminal settings before this process made stdin raw; `Some` while it is raw.
+static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
 
 /// Puts the host terminal in raw mode while alive; restores it on drop and on panic.
 pub struct RawTerminal(());
@@ -34,10 +34,28 @@ impl RawTerminal {
     /// `None` when stdin is not a terminal (piped input is passed through as it is).
     pub fn enter() -> Option<Self> {
         let stdin = std::io::stdin();
-        if !stdin.is_terminal() || stdin.lock().set_raw_mode().is_err() {
+        if !stdin.is_terminal() {
             return None;
         }
-        RAW.store(true, Ordering::SeqCst);
+        let fd = stdin.as_raw_fd();
+        let mut saved = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr writes a termios into the buffer we own; we read it only on success.
+        if unsafe { libc::tcgetattr(fd, saved.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: tcgetattr succeeded, so the termios is initialised.
+        let saved = unsafe { saved.assume_init() };
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only modifies the termios passed by reference.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output processing so the host's own messages (logs on stderr) still get \r\n.
+        raw.c_oflag |= libc::OPOST;
+        *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = Some(saved);
+        // SAFETY: applies a valid termios to our own stdin.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            SAVED.lock().unwrap_or_else(|p| p.into_inner()).take();
+            return None;
+        }
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             restore_terminal();
@@ -47,10 +65,12 @@ impl RawTerminal {
     }
 }
 
-/// Puts the terminal back in canonical mode if this process made it raw.
+/// Puts the terminal back as it was before [`RawTerminal::enter`], if this process changed it.
 pub fn restore_terminal() {
-    if RAW.swap(false, Ordering::SeqCst) {
-        let _ = std::io::stdin().lock().set_canon_mode();
+    let saved = SAVED.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(saved) = saved {
+        // SAFETY: restores the termios tcgetattr gave us for the same file descriptor.
+        unsafe { libc::tcsetattr(std::io::stdin().as_raw_fd(), libc::TCSANOW, &saved) };
     }
 }
 

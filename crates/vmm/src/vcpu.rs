@@ -110,6 +110,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            let _guard = StopVmOnPanic(exit.clone(), id);
             while !exit.is_set() {
                 if let Some(request) = run_once(&mut vcpu, id, &buses) {
                     exit.request(request);
@@ -117,6 +118,20 @@ pub fn spawn(
             }
         })
         .map_err(Error::io("spawning a vCPU thread"))
+}
+
+/// A vCPU thread that dies must not leave the VMM waiting for an exit request forever.
+struct StopVmOnPanic(Arc<ExitSignal>, u32);
+
+impl Drop for StopVmOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.request(ExitRequest::VmmError(format!(
+                "the vCPU {} thread panicked",
+                self.1
+            )));
+        }
+    }
 }
 
 /// Runs the vCPU until its next exit and handles it; returns a request when the VM must stop.

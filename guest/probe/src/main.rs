@@ -1,6 +1,6 @@
 //! hyperpool-probe: a bare-metal guest that checks what the VMM provides (CPUs, memory map,
-//! ACPI, ring-3 execution) and reports one `PROBE <check> ok|FAIL ...` line per check on
-//! COM1. See `README.md`.
+//! ACPI, ring-3 execution, PCI, virtio-rng) and reports one `PROBE <check> ok|FAIL ...` line
+//! per check on COM1. See `README.md`.
 
 #![no_std]
 #![no_main]
@@ -16,11 +16,13 @@ mod end;
 mod heap;
 mod mem;
 mod paging;
+mod pci;
 mod pvh;
 mod serial;
 mod smp;
 mod time;
 mod user;
+mod virtio;
 
 use alloc::format;
 use alloc::string::String;
@@ -67,6 +69,8 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "acpi" => acpi::check(si.rsdp_paddr),
         "cpus" => smp::check(si.rsdp_paddr),
         "ring3" => ring3_check(),
+        "pci" => pci::check(si.rsdp_paddr),
+        "rng" => virtio::rng_check(si.rsdp_paddr),
         _ => Err("unknown check".into()),
     }
 }

@@ -10,6 +10,7 @@ pub struct AcpiPm {
     exit: Arc<ExitSignal>,
     s5_sleep_type: u8,
     reset_value: u8,
+    warned: bool,
 }
 
 impl AcpiPm {
@@ -26,6 +27,7 @@ impl AcpiPm {
             exit,
             s5_sleep_type,
             reset_value,
+            warned: false,
         }
     }
 }
@@ -48,7 +50,7 @@ impl BusDevice for AcpiPm {
                 let sleep_type = (v >> 2) & 0x7;
                 if sleep_type == self.s5_sleep_type {
                     self.exit.request(ExitRequest::Poweroff);
-                } else {
+                } else if !std::mem::replace(&mut self.warned, true) {
                     tracing::warn!(
                         "guest asked for ACPI sleep type {sleep_type}; only S5 is supported"
                     );

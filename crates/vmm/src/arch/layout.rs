@@ -32,11 +32,23 @@ pub const ACPI_START: u64 = 0xe_0000;
 pub const ACPI_END: u64 = 0x10_0000;
 /// Kernels load here (bzImage protected-mode part, PVH/ELF images link here too).
 pub const HIMEM_START: u64 = 0x10_0000;
-/// 32-bit MMIO hole: [3 GiB, 4 GiB). PCI windows (next to come) and the APICs live here.
+/// 32-bit MMIO hole: [3 GiB, 4 GiB). PCI windows and the APICs live here.
 pub const MMIO32_START: u64 = 0xc000_0000;
 pub const MMIO32_END: u64 = 1 << 32;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
+/// PCI: 32-bit BARs in [3 GiB, 3.5 GiB); ECAM for bus 0 only (1 MiB; MCFG and `_CRS` say buses
+/// 0..=0) right after; the APICs and KVM's pages above stay out of both.
+pub const PCI_MMIO32_START: u64 = MMIO32_START;
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// 64-bit BARs: 64 GiB from the first 1 GiB boundary at or above max(4 GiB, end of RAM). Needs
+/// guest physical address bits to cover it (39 bits do up to 448 GiB of RAM).
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+/// Pins of the I/O APIC (GSIs 0..24); MSI vectors get GSIs from here up.
+pub const IOAPIC_PINS: u32 = 24;
 /// KVM wants three pages for the real-mode TSS and one for the EPT identity map, inside the hole.
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
@@ -67,6 +79,22 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
+/// Start of the 64-bit PCI window for a guest of `size` bytes of RAM.
+pub fn pci_mmio64_start(size: u64) -> u64 {
+    let ram_end = ram_ranges(size)
+        .iter()
+        .map(|(start, len)| start + len)
+        .max()
+        .unwrap_or(0);
+    ram_end
+        .max(RAM_64BIT_START)
+        .next_multiple_of(PCI_MMIO64_ALIGN)
+}
+
+// The PCI areas sit inside the 32-bit hole, below the I/O APIC.
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +107,13 @@ mod tests {
             ram_ranges(4 << 30),
             vec![(0, 3 << 30), (RAM_64BIT_START, 1 << 30)]
         );
+    }
+
+    #[test]
+    fn pci_64bit_window_starts_above_ram() {
+        assert_eq!(pci_mmio64_start(1 << 30), 4 << 30);
+        assert_eq!(pci_mmio64_start(4 << 30), 5 << 30);
+        assert_eq!(pci_mmio64_start((4 << 30) + 1), 6 << 30);
     }
 
     #[test]

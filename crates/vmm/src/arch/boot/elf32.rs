@@ -3,7 +3,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::BootError;
+use super::{BootError, zero_guest};
+use crate::arch::layout::HIMEM_START;
 
 const PT_LOAD: u32 = 1;
 
@@ -48,19 +49,22 @@ pub fn load(mem: &GuestMemoryMmap, elf: &[u8]) -> Result<(u64, u64), BootError> 
             .checked_add(filesz)
             .and_then(|e| elf.get(offset..e))
             .ok_or_else(|| bad("segment extends past the end of the file"))?;
+        if u64::from(paddr) < HIMEM_START {
+            return Err(BootError::Load(format!(
+                "a segment loads at {paddr:#x}, below 1 MiB where the boot structures live"
+            )));
+        }
         let addr = GuestAddress(u64::from(paddr));
         mem.write_slice(data, addr).map_err(|_| {
             BootError::Load(format!(
                 "segment at {paddr:#x} (+{memsz:#x}) is outside guest RAM"
             ))
         })?;
-        let zeroes = vec![0u8; memsz as usize - filesz];
-        mem.write_slice(&zeroes, GuestAddress(u64::from(paddr) + filesz as u64))
-            .map_err(|_| {
-                BootError::Load(format!(
-                    "segment at {paddr:#x} (+{memsz:#x}) is outside guest RAM"
-                ))
-            })?;
+        zero_guest(
+            mem,
+            u64::from(paddr) + filesz as u64,
+            u64::from(memsz) - filesz as u64,
+        )?;
         end = end.max(u64::from(paddr) + u64::from(memsz));
     }
     if end == 0 {
@@ -116,6 +120,11 @@ pub(crate) mod tests {
     fn rejects_bad_images() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         assert!(load(&mem, b"\x7fELF\x02").is_err());
+        assert!(load(&mem, &elf32(0x8000, &[1], 0)).is_err(), "below 1 MiB");
+        assert!(
+            load(&mem, &elf32(0x200000, &[1], 0xffff_0000)).is_err(),
+            "bss past RAM"
+        );
         let mut e = elf32(0x200000, &[1, 2], 0);
         e.truncate(0x54);
         assert!(load(&mem, &e).is_err(), "segment past EOF");

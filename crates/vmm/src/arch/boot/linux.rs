@@ -10,7 +10,7 @@ use linux_loader::loader::bzimage::BzImage;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{BootError, BootSpec, Protocol, load_elf64, load_initramfs};
-use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, ZERO_PAGE_START};
+use crate::arch::layout::{CMDLINE_START, HIMEM_START, ZERO_PAGE_START};
 use crate::arch::paging::write_identity_tables;
 use crate::arch::regs::Entry;
 
@@ -22,18 +22,29 @@ const LOADED_HIGH: u8 = 0x01;
 const CAN_USE_HEAP: u8 = 0x80;
 /// The 64-bit entry sits 0x200 bytes into the protected-mode kernel.
 const STARTUP_64_OFFSET: u64 = 0x200;
-/// Oldest boot protocol with a 64-bit entry point.
-const MIN_PROTOCOL: u16 = 0x0206;
+/// Boot protocol 2.12 introduced `xloadflags`, which says whether the 64-bit entry exists.
+const XLOADFLAGS_PROTOCOL: u16 = 0x020c;
+const XLF_KERNEL_64: u16 = 1;
 
-/// True for a bzImage with a boot protocol new enough for 64-bit entry.
+fn u16_at(image: &[u8], at: usize) -> Option<u16> {
+    image
+        .get(at..at + 2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// True for anything with a Linux setup header ("HdrS").
 pub fn is_bzimage(image: &[u8]) -> bool {
     let magic = image
         .get(0x202..0x206)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    let version = image
-        .get(0x206..0x208)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]));
-    magic == Some(HDRS_MAGIC) && version.is_some_and(|v| v >= MIN_PROTOCOL)
+    magic == Some(HDRS_MAGIC)
+}
+
+/// True when the setup header promises the 64-bit entry point this VMM jumps to.
+pub fn has_64bit_entry(image: &[u8]) -> bool {
+    let version = u16_at(image, 0x206).unwrap_or(0);
+    let xloadflags = u16_at(image, 0x236).unwrap_or(0);
+    version >= XLOADFLAGS_PROTOCOL && xloadflags & XLF_KERNEL_64 != 0
 }
 
 pub fn load(
@@ -41,7 +52,7 @@ pub fn load(
     protocol: Protocol,
     spec: &BootSpec,
 ) -> Result<Entry, BootError> {
-    let (loaded, rip) = if protocol == Protocol::BzImage {
+    let (mut loaded, rip) = if protocol == Protocol::BzImage {
         let r = BzImage::load(
             mem,
             None,
@@ -59,6 +70,16 @@ pub fn load(
     let mut params = boot_params::default();
     if let Some(hdr) = loaded.setup_header {
         params.hdr = hdr;
+        // The kernel decompresses itself into [max(load, pref_address), +init_size): nothing
+        // may go there, though the compressed image ends far below.
+        let start = loaded.kernel_load.0.max(hdr.pref_address);
+        let end = start.saturating_add(u64::from(hdr.init_size));
+        loaded.kernel_end = loaded.kernel_end.max(end);
+        // The kernel's own limit (the setup header's field is its maximum, 2.06+).
+        let max = hdr.cmdline_size as usize;
+        if max > 0 && spec.cmdline.len() > max {
+            return Err(BootError::CmdlineTooLong(spec.cmdline.len(), max));
+        }
     } else {
         params.hdr.kernel_alignment = 0x0100_0000;
     }
@@ -69,14 +90,8 @@ pub fn load(
     params.hdr.heap_end_ptr = 0xfe00;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = spec.cmdline.len() as u32;
-    if params.hdr.cmdline_size as usize >= CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong(
-            spec.cmdline.len(),
-            CMDLINE_MAX_SIZE - 1,
-        ));
-    }
     if let Some(initramfs) = spec.initramfs {
-        // Protocols before 2.03 leave initrd_addr_max 0: the documented default is 0x37ffffff.
+        // A vmlinux has no setup header to give a limit: use the protocol's documented default.
         let limit = match params.hdr.initrd_addr_max {
             0 => 0x37ff_ffff,
             l => u64::from(l),

@@ -2,15 +2,16 @@
 //! initramfs, ACPI root pointer.
 
 mod elf32;
+pub mod elf64;
 pub mod linux;
 pub mod multiboot;
 pub mod pvh;
 
 use std::io::Cursor;
 
-use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{KernelLoader, KernelLoaderResult};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::e820::E820Entry;
 use super::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO32_START};
@@ -48,6 +49,8 @@ pub enum BootError {
     NotAKernel,
     #[error("is a 32-bit ELF without a Multiboot header; only Multiboot kernels may be 32-bit")]
     Elf32WithoutMultiboot,
+    #[error("is a 32-bit (or pre-2.12 protocol) bzImage; only 64-bit kernels boot here")]
+    NotKernel64,
     #[error("cannot be loaded: {0}")]
     Load(String),
     #[error("the kernel command line is {0} bytes; the limit is {1}")]
@@ -86,14 +89,17 @@ pub fn detect(kernel: &[u8]) -> Result<Protocol, BootError> {
         return match kernel.get(4) {
             Some(1) if has_multiboot => Ok(Protocol::Multiboot),
             Some(1) => Err(BootError::Elf32WithoutMultiboot),
-            Some(2) if pvh::has_pvh_note(kernel) => Ok(Protocol::Pvh),
+            Some(2) if elf64::pvh_entry(kernel).is_some() => Ok(Protocol::Pvh),
             Some(2) if has_multiboot => Ok(Protocol::Multiboot),
             Some(2) => Ok(Protocol::LinuxElf),
             _ => Err(BootError::NotAKernel),
         };
     }
     if linux::is_bzimage(kernel) {
-        return Ok(Protocol::BzImage);
+        return match linux::has_64bit_entry(kernel) {
+            true => Ok(Protocol::BzImage),
+            false => Err(BootError::NotKernel64),
+        };
     }
     if has_multiboot {
         return Ok(Protocol::Multiboot);
@@ -119,6 +125,17 @@ pub(crate) fn load_elf64(
     mem: &GuestMemoryMmap,
     kernel: &[u8],
 ) -> Result<KernelLoaderResult, BootError> {
+    // linux-loader checks the entry point but not where segments land: one below 1 MiB would
+    // overwrite the boot structures (GDT, start info, command line, ACPI tables).
+    match elf64::lowest_load_address(kernel) {
+        Some(low) if low < HIMEM_START => {
+            return Err(BootError::Load(format!(
+                "a segment loads at {low:#x}, below 1 MiB where the boot structures live"
+            )));
+        }
+        None => return Err(BootError::Load("malformed ELF program headers".into())),
+        Some(_) => {}
+    }
     Elf::load(
         mem,
         None,
@@ -128,11 +145,27 @@ pub(crate) fn load_elf64(
     .map_err(|e| BootError::Load(e.to_string()))
 }
 
-pub(crate) fn pvh_entry(result: &KernelLoaderResult) -> Option<u64> {
-    match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
-        _ => None,
+/// Zeroes `[addr, addr + len)` of guest RAM (a kernel's bss) after checking the whole range is
+/// RAM, so a bogus size from the image fails cleanly instead of allocating or touching gigabytes.
+pub(crate) fn zero_guest(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Result<(), BootError> {
+    let outside = || BootError::Load(format!("{addr:#x}+{len:#x} lies outside guest RAM"));
+    let len_usize = usize::try_from(len).map_err(|_| outside())?;
+    if len == 0 {
+        return Ok(());
     }
+    if !mem.check_range(GuestAddress(addr), len_usize) {
+        return Err(outside());
+    }
+    const CHUNK: u64 = 64 << 10;
+    let zeroes = [0u8; CHUNK as usize];
+    let mut at = addr;
+    let end = addr + len;
+    while at < end {
+        let n = (end - at).min(CHUNK) as usize;
+        mem.write_slice(&zeroes[..n], GuestAddress(at))?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
@@ -202,6 +235,8 @@ mod tests {
         let mut bz = vec![0u8; 1024];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         bz[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        assert!(matches!(detect(&bz), Err(BootError::NotKernel64)));
+        bz[0x236] = 1;
         assert_eq!(detect(&bz).unwrap(), Protocol::BzImage);
     }
 

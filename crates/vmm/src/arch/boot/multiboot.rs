@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{BootError, BootSpec, elf32, load_elf64, load_initramfs};
+use super::{BootError, BootSpec, elf32, load_elf64, load_initramfs, zero_guest};
 use crate::arch::e820::E820Kind;
 use crate::arch::layout::{
     CMDLINE_START, EBDA_START, HIMEM_START, MULTIBOOT_INFO_START, MULTIBOOT_MMAP_START,
@@ -15,6 +15,9 @@ const HEADER_MAGIC: u32 = 0x1bad_b002;
 const BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
 /// Header flag: the address fields are valid (a.out kludge), use them instead of the ELF headers.
 const FLAG_ADDRESSES: u32 = 1 << 16;
+/// Requirement bits (0-15) the spec leaves undefined: a loader must refuse what it does not know.
+/// Bits 0-2 (page-aligned modules, memory info, video mode) are honoured or safely absent.
+const UNKNOWN_REQUIREMENTS: u32 = 0xfff8;
 
 const INFO_MEMORY: u32 = 1 << 0;
 const INFO_CMDLINE: u32 = 1 << 2;
@@ -48,15 +51,19 @@ pub fn find_header(scan: &[u8]) -> Option<Header> {
         if magic != HEADER_MAGIC || magic.wrapping_add(flags).wrapping_add(sum) != 0 {
             return None;
         }
-        let field = |n: usize| word(o + 12 + n * 4).unwrap_or(0);
+        // The address fields only count when the flag says so; then they must all be there.
+        let field = |n: usize| match flags & FLAG_ADDRESSES {
+            0 => Some(word(o + 12 + n * 4).unwrap_or(0)),
+            _ => word(o + 12 + n * 4),
+        };
         Some(Header {
             offset: o,
             flags,
-            header_addr: field(0),
-            load_addr: field(1),
-            load_end_addr: field(2),
-            bss_end_addr: field(3),
-            entry_addr: field(4),
+            header_addr: field(0)?,
+            load_addr: field(1)?,
+            load_end_addr: field(2)?,
+            bss_end_addr: field(3)?,
+            entry_addr: field(4)?,
         })
     })
 }
@@ -85,6 +92,9 @@ fn load_by_addresses(
         .get(start..start + len)
         .ok_or_else(|| bad("load range past the end of the file"))?;
     let outside = || bad("load range outside guest RAM");
+    if u64::from(h.load_addr) < HIMEM_START {
+        return Err(bad("load_addr below 1 MiB, where the boot structures live"));
+    }
     mem.write_slice(data, GuestAddress(u64::from(h.load_addr)))
         .map_err(|_| outside())?;
     let mut end = u64::from(h.load_addr) + len as u64;
@@ -92,8 +102,7 @@ fn load_by_addresses(
         let bss = u64::from(h.bss_end_addr)
             .checked_sub(end)
             .ok_or_else(|| bad("bss_end_addr below load end"))?;
-        mem.write_slice(&vec![0u8; bss as usize], GuestAddress(end))
-            .map_err(|_| outside())?;
+        zero_guest(mem, end, bss)?;
         end = u64::from(h.bss_end_addr);
     }
     Ok((u64::from(h.entry_addr), end))
@@ -102,6 +111,12 @@ fn load_by_addresses(
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Entry, BootError> {
     let scan = &spec.kernel[..spec.kernel.len().min(8192)];
     let header = find_header(scan).ok_or(BootError::NotAKernel)?;
+    if header.flags & UNKNOWN_REQUIREMENTS != 0 {
+        return Err(BootError::Load(format!(
+            "the Multiboot header requires features this loader does not know (flags {:#x})",
+            header.flags
+        )));
+    }
     let (entry, end) = if header.flags & FLAG_ADDRESSES != 0 {
         load_by_addresses(mem, spec.kernel, &header)?
     } else if spec.kernel.get(4) == Some(&2) {

@@ -7,61 +7,16 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::{BootError, BootSpec, load_elf64, load_initramfs, pvh_entry};
+use super::{BootError, BootSpec, elf64, load_elf64, load_initramfs};
 use crate::arch::layout::{
     CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START,
 };
 use crate::arch::regs::Entry;
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
-const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
-const PT_NOTE: u32 = 4;
-
-/// True when a 64-bit ELF carries a `Xen` note of type PHYS32_ENTRY in a PT_NOTE segment.
-pub fn has_pvh_note(elf: &[u8]) -> bool {
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()))
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-    };
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        return false;
-    };
-    (0..usize::from(phnum)).any(|i| {
-        let ph = phoff as usize + i * usize::from(phentsize);
-        if u32_at(ph) != Some(PT_NOTE) {
-            return false;
-        }
-        let (Some(off), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
-            return false;
-        };
-        let mut at = off as usize;
-        let end = (off.saturating_add(size) as usize).min(elf.len());
-        while at + 12 <= end {
-            let (Some(namesz), Some(descsz), Some(kind)) =
-                (u32_at(at), u32_at(at + 4), u32_at(at + 8))
-            else {
-                return false;
-            };
-            let name = elf.get(at + 12..at + 12 + namesz as usize);
-            if kind == XEN_ELFNOTE_PHYS32_ENTRY && name == Some(b"Xen\0".as_slice()) {
-                return true;
-            }
-            let align = |n: u32| (n as usize).div_ceil(4) * 4;
-            at += 12 + align(namesz) + align(descsz);
-        }
-        false
-    })
-}
-
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Entry, BootError> {
     let loaded = load_elf64(mem, spec.kernel)?;
-    let entry = pvh_entry(&loaded)
+    let entry = elf64::pvh_entry(spec.kernel)
         .ok_or_else(|| BootError::Load("the PVH entry note is malformed".into()))?;
 
     let mut modules = Vec::new();
