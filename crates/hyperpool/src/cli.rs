@@ -52,6 +52,9 @@ pub struct RunArgs {
     /// Write the ACPI tables built for the guest into DIR.
     #[arg(long, value_name = "DIR")]
     pub dump_acpi: Option<PathBuf>,
+    /// Add a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    pub rng: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

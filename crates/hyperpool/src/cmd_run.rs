@@ -22,6 +22,7 @@ pub fn config(args: RunArgs) -> VmConfig {
             OnRebootArg::Restart => OnReboot::Restart,
         },
         dump_acpi: args.dump_acpi,
+        rng: args.rng,
     }
 }
 

@@ -269,3 +269,31 @@ fn multiboot_kernel_gets_magic_memory_map_and_cmdline() {
         f.describe()
     );
 }
+
+#[test]
+fn pci_bus_and_virtio_rng_serve_an_independent_driver() {
+    if !kvm_available() {
+        return;
+    }
+    // Without devices: only the host bridge, found through the MCFG's ECAM.
+    let f = probe(&[], "probe=pci");
+    let figures = f.probe_ok("pci");
+    assert!(
+        figures.starts_with("devices=1 00:00.0 8086:0d57 060000"),
+        "{figures}"
+    );
+
+    // With --rng: a modern virtio-rng function with MSI-X, driven by virtio-drivers in the guest.
+    let f = probe(&["--rng", "--cpus", "2"], "probe=pci,rng");
+    let figures = f.probe_ok("pci");
+    assert!(figures.contains("1af4:1044 ff0000 msix"), "{figures}");
+    let rng = f.probe_ok("rng");
+    assert!(rng.starts_with("bytes=4096 distinct="), "{rng}");
+    let distinct: u32 = rng["bytes=4096 distinct=".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(distinct >= 200, "random bytes cover most values: {rng}");
+    assert_eq!(f.code(), 0, "{}", f.describe());
+}

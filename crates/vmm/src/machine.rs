@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 use crate::pci::Pci;
 use crate::serial_io;
 use crate::vcpu::{self, Buses, VcpuSpec};
+use hyperpool_devices::virtio::{Rng, VirtioDevice, VirtioPciDevice};
+use vm_memory::GuestMemoryAtomic;
 
 /// The ACPI sleep type for S5 that the DSDT advertises and [`AcpiPm`] accepts.
 const S5_SLEEP_TYPE: u8 = 5;
@@ -128,6 +130,9 @@ fn populate(
     let mut mmio = Bus::new();
     let pci = Pci::new(vm, cfg.memory.size)?;
     // PCI devices are added here, one `pci.add_device(...)` each.
+    if cfg.rng {
+        add_virtio(&pci, memory, Box::new(Rng::new()))?;
+    }
     pci.attach(&mut pio, &mut mmio)?;
     let buses = Buses {
         pio: Arc::new(pio),
@@ -153,6 +158,16 @@ fn populate(
         .collect::<Result<Vec<_>>>()?;
 
     Ok((vcpus, buses, exit, serial_input))
+}
+
+/// Puts a virtio device on the PCI segment with its own MSI-X vectors.
+fn add_virtio(pci: &Pci, memory: &GuestMemoryMmap, device: Box<dyn VirtioDevice>) -> Result<()> {
+    let lines = pci.msi_lines(VirtioPciDevice::vectors_for(device.as_ref()))?;
+    let mem = GuestMemoryAtomic::new(memory.clone());
+    let dev = VirtioPciDevice::new(device, mem, lines, pci.msi_routing())
+        .map_err(|e| Error::Devices(format!("virtio: {e}")))?;
+    pci.add_device(Arc::new(Mutex::new(dev)))?;
+    Ok(())
 }
 
 fn create_memory(size: u64) -> Result<GuestMemoryMmap> {

@@ -15,6 +15,7 @@
 
 pub mod device;
 pub mod interrupt;
+pub mod pci_device;
 pub mod pci_transport;
 pub mod rng;
 pub mod worker;
@@ -24,6 +25,7 @@ mod tests;
 
 pub use device::{ActivateError, ActivatedQueue, VirtioDevice};
 pub use interrupt::{DeviceInterrupt, IsrStatus, VirtioInterrupt};
+pub use pci_device::{VirtioPciDevice, VirtioPciError};
 pub use pci_transport::{PciIds, VirtioPciCap, VirtioPciTransport};
 pub use rng::Rng;
 

@@ -67,6 +67,8 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     /// Write the ACPI tables built for the guest into this directory.
     pub dump_acpi: Option<PathBuf>,
+    /// A virtio-rng device fed from the host's getrandom.
+    pub rng: bool,
 }
 
 /// Command line for a user's kernel when none is given.
