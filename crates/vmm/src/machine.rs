@@ -129,10 +129,7 @@ fn populate(
     let (mut pio, serial_input) = platform_devices(vm, cfg, &exit, start)?;
     let mut mmio = Bus::new();
     let pci = Pci::new(vm, cfg.memory.size)?;
-    // PCI devices are added here, one `pci.add_device(...)` each.
-    if cfg.rng {
-        add_virtio(&pci, memory, Box::new(Rng::new()))?;
-    }
+    add_devices(&pci, memory, cfg)?;
     pci.attach(&mut pio, &mut mmio)?;
     let buses = Buses {
         pio: Arc::new(pio),
@@ -158,6 +155,14 @@ fn populate(
         .collect::<Result<Vec<_>>>()?;
 
     Ok((vcpus, buses, exit, serial_input))
+}
+
+/// The VM's PCI devices, in slot order: one line per device kind.
+fn add_devices(pci: &Pci, memory: &GuestMemoryMmap, cfg: &VmConfig) -> Result<()> {
+    if cfg.rng {
+        add_virtio(pci, memory, Box::new(Rng::new()))?;
+    }
+    Ok(())
 }
 
 /// Puts a virtio device on the PCI segment with its own MSI-X vectors.
