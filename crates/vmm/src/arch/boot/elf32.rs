@@ -3,18 +3,11 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::le::{u16_at, u32_at};
 use super::{BootError, zero_guest};
 use crate::arch::layout::HIMEM_START;
 
 const PT_LOAD: u32 = 1;
-
-fn u16_at(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
-}
 
 /// Loads every PT_LOAD segment (file bytes, then zeroes up to `p_memsz`); returns
 /// `(entry, end of the highest segment)`.
@@ -35,8 +28,9 @@ pub fn load(mem: &GuestMemoryMmap, elf: &[u8]) -> Result<(u64, u64), BootError> 
         let ph = phoff
             .checked_add(i * phentsize)
             .ok_or_else(|| bad("program header offset"))?;
-        let field =
-            |n: usize| u32_at(elf, ph + n * 4).ok_or_else(|| bad("truncated program header"));
+        let field = |n: usize| {
+            u32_at(elf, (ph + n * 4) as u64).ok_or_else(|| bad("truncated program header"))
+        };
         if field(0)? != PT_LOAD {
             continue;
         }

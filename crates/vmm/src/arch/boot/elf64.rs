@@ -2,6 +2,8 @@
 //! program headers, and the PVH entry point from a `Xen` PHYS32_ENTRY note. The file is user
 //! input: every offset is checked and nothing here can panic.
 
+use super::le::{u16_at, u32_at, u64_at};
+
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
@@ -12,23 +14,6 @@ pub struct ProgramHeader {
     pub offset: u64,
     pub paddr: u64,
     pub filesz: u64,
-}
-
-fn bytes<const N: usize>(elf: &[u8], at: u64) -> Option<[u8; N]> {
-    let start = usize::try_from(at).ok()?;
-    elf.get(start..start.checked_add(N)?)?.try_into().ok()
-}
-
-fn u16_at(elf: &[u8], at: u64) -> Option<u16> {
-    bytes(elf, at).map(u16::from_le_bytes)
-}
-
-fn u32_at(elf: &[u8], at: u64) -> Option<u32> {
-    bytes(elf, at).map(u32::from_le_bytes)
-}
-
-fn u64_at(elf: &[u8], at: u64) -> Option<u64> {
-    bytes(elf, at).map(u64::from_le_bytes)
 }
 
 /// The program headers, or `None` if the table lies outside the file.

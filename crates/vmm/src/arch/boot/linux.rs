@@ -9,6 +9,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::le::{u16_at, u32_at, u64_at};
 use super::{BootError, BootSpec, Protocol, load_elf64, load_initramfs};
 use crate::arch::layout::{CMDLINE_START, HIMEM_START, ZERO_PAGE_START};
 use crate::arch::paging::write_identity_tables;
@@ -26,18 +27,9 @@ const STARTUP_64_OFFSET: u64 = 0x200;
 const XLOADFLAGS_PROTOCOL: u16 = 0x020c;
 const XLF_KERNEL_64: u16 = 1;
 
-fn u16_at(image: &[u8], at: usize) -> Option<u16> {
-    image
-        .get(at..at + 2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-}
-
 /// True for anything with a Linux setup header ("HdrS").
 pub fn is_bzimage(image: &[u8]) -> bool {
-    let magic = image
-        .get(0x202..0x206)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    magic == Some(HDRS_MAGIC)
+    u32_at(image, 0x202) == Some(HDRS_MAGIC)
 }
 
 /// True when the setup header promises the 64-bit entry point this VMM jumps to.
@@ -63,7 +55,7 @@ pub fn load(
         (r, r.kernel_load.0 + STARTUP_64_OFFSET)
     } else {
         let r = load_elf64(mem, spec.kernel)?;
-        let entry = u64::from_le_bytes(spec.kernel[0x18..0x20].try_into().unwrap_or_default());
+        let entry = u64_at(spec.kernel, 0x18).unwrap_or(0);
         (r, entry)
     };
 

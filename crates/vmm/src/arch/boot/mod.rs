@@ -3,6 +3,7 @@
 
 mod elf32;
 pub mod elf64;
+mod le;
 pub mod linux;
 pub mod multiboot;
 pub mod pvh;

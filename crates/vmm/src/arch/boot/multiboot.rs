@@ -3,6 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::le::{u32_at, u64_at};
 use super::{BootError, BootSpec, elf32, load_elf64, load_initramfs, zero_guest};
 use crate::arch::e820::E820Kind;
 use crate::arch::layout::{
@@ -42,10 +43,7 @@ pub struct Header {
 
 /// Finds a header (4-byte aligned, valid checksum) in `scan` (the image's first 8 KiB).
 pub fn find_header(scan: &[u8]) -> Option<Header> {
-    let word = |o: usize| {
-        scan.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
+    let word = |o: usize| u32_at(scan, o as u64);
     (0..scan.len().saturating_sub(11)).step_by(4).find_map(|o| {
         let (magic, flags, sum) = (word(o)?, word(o + 4)?, word(o + 8)?);
         if magic != HEADER_MAGIC || magic.wrapping_add(flags).wrapping_add(sum) != 0 {
@@ -121,7 +119,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Entry, BootError> 
         load_by_addresses(mem, spec.kernel, &header)?
     } else if spec.kernel.get(4) == Some(&2) {
         let r = load_elf64(mem, spec.kernel)?;
-        let entry = u64::from_le_bytes(spec.kernel[0x18..0x20].try_into().unwrap_or_default());
+        let entry = u64_at(spec.kernel, 0x18).unwrap_or(0);
         (entry, r.kernel_end)
     } else {
         elf32::load(mem, spec.kernel)?
