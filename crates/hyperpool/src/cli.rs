@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyperpool_vmm::config::{
-    CpusConfig, MemoryConfig, SerialConfig, parse_cpus, parse_memory, parse_serial,
+    CpusConfig, DiskConfig, MemoryConfig, SerialConfig, VsockConfig, parse_cpus, parse_disk,
+    parse_memory, parse_serial, parse_vsock,
 };
 
 #[derive(Parser)]
@@ -55,6 +56,14 @@ pub struct RunArgs {
     /// Add a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-vsock device: cid=N,socket=PATH (host side on Unix sockets, Firecracker's
+    /// hybrid convention).
+    #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-blk disk on a raw image: path=FILE[,readonly=on][,num_queues=N][,id=ID]
+    /// (repeatable).
+    #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

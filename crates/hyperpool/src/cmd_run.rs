@@ -23,6 +23,8 @@ pub fn config(args: RunArgs) -> VmConfig {
         },
         dump_acpi: args.dump_acpi,
         rng: args.rng,
+        vsock: args.vsock,
+        disks: args.disks,
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod config;
+mod disk;
 pub mod error;
 pub mod host;
 pub mod machine;

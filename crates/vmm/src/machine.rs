@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::pci::Pci;
 use crate::serial_io;
 use crate::vcpu::{self, Buses, VcpuSpec};
-use hyperpool_devices::virtio::{Rng, VirtioDevice, VirtioPciDevice};
+use hyperpool_devices::virtio::{Rng, VirtioDevice, VirtioPciDevice, Vsock};
 use vm_memory::GuestMemoryAtomic;
 
 /// The ACPI sleep type for S5 that the DSDT advertises and [`AcpiPm`] accepts.
@@ -161,6 +161,14 @@ fn populate(
 fn add_devices(pci: &Pci, memory: &GuestMemoryMmap, cfg: &VmConfig) -> Result<()> {
     if cfg.rng {
         add_virtio(pci, memory, Box::new(Rng::new()))?;
+    }
+    if let Some(v) = &cfg.vsock {
+        let dev = Vsock::new(u64::from(v.cid), &v.socket)
+            .map_err(|e| Error::Config(format!("--vsock socket={}: {e}", v.socket.display())))?;
+        add_virtio(pci, memory, Box::new(dev))?;
+    }
+    for disk in crate::disk::open_all(&cfg.disks)? {
+        add_virtio(pci, memory, Box::new(disk))?;
     }
     Ok(())
 }

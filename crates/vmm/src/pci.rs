@@ -119,10 +119,20 @@ fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> std::io::Result<KvmIrqRouti
 impl MsiRouting for GsiRouter {
     fn route(&self, gsi: u32, msg: MsiMessage) -> std::io::Result<()> {
         let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
-        msi.insert(gsi, msg);
-        self.vm
-            .set_gsi_routing(&routing_table(&msi)?)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        let previous = msi.insert(gsi, msg);
+        let result = routing_table(&msi).and_then(|table| {
+            self.vm
+                .set_gsi_routing(&table)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        });
+        if result.is_err() {
+            // A route KVM refused must not ride along with every later update.
+            match previous {
+                Some(old) => msi.insert(gsi, old),
+                None => msi.remove(&gsi),
+            };
+        }
+        result
     }
 }
 

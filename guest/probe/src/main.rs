@@ -8,6 +8,7 @@
 extern crate alloc;
 
 mod acpi;
+mod blk;
 mod boot;
 mod builtins;
 mod cmdline;
@@ -23,6 +24,7 @@ mod smp;
 mod time;
 mod user;
 mod virtio;
+mod vsock;
 
 use alloc::format;
 use alloc::string::String;
@@ -71,6 +73,9 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "ring3" => ring3_check(),
         "pci" => pci::check(si.rsdp_paddr),
         "rng" => virtio::rng_check(si.rsdp_paddr),
+        "blk" => blk::check(si.rsdp_paddr),
+        "vsock" => vsock::check(si.rsdp_paddr),
+        "vsock-listen" => vsock::listen_check(si.rsdp_paddr),
         _ => Err("unknown check".into()),
     }
 }

@@ -4,8 +4,9 @@
 //! The device holds a [`DeviceInterrupt`]; it sets the ISR bit (for the INTx path) and calls the
 //! transport's [`VirtioInterrupt`] sink with the MSI-X vector the driver chose for that queue (or
 //! for config changes). The sink — implemented by the PCI side — decides how that reaches the
-//! guest: an MSI-X message (irqfd) when MSI-X is enabled, nothing for [`NO_VECTOR`] under MSI-X,
-//! and the INTx line when MSI-X is disabled.
+//! guest: an MSI-X message (irqfd) when MSI-X is enabled, nothing for [`NO_VECTOR`]. The INTx
+//! path (a driver without MSI-X) is not wired yet: the PCI side has no level-triggered line, so
+//! today such a driver must poll (as the probe guest does).
 
 use std::fmt::Display;
 use std::io;
@@ -19,7 +20,7 @@ pub trait VirtioInterrupt: Send + Sync {
     /// Delivers `vector`, the MSI-X vector the driver configured for the source.
     ///
     /// With MSI-X enabled: signal that table entry (honouring its mask), or nothing for
-    /// [`NO_VECTOR`]. With MSI-X disabled: assert INTx; the ISR register already says why.
+    /// [`NO_VECTOR`]. With MSI-X disabled the vector is left pending (no INTx yet).
     fn trigger(&self, vector: u16) -> io::Result<()>;
 }
 

@@ -9,25 +9,31 @@
 //! - [`pci_transport`]: the virtio-pci BAR (common config, ISR, notify, device config) and the
 //!   vendor capabilities that describe it ([`VirtioPciTransport`]).
 //! - [`rng`]: virtio-rng ([`Rng`]).
+//! - [`vsock`]: virtio-vsock on host Unix sockets ([`Vsock`]).
+//! - [`block`]: virtio-blk on raw images ([`Block`]).
 //!
 //! Everything the guest controls (registers, rings, descriptors) is treated as hostile: a bad value
 //! never panics; a broken queue sets `DEVICE_NEEDS_RESET` and is logged once.
 
+pub mod block;
 pub mod device;
 pub mod interrupt;
 pub mod pci_device;
 pub mod pci_transport;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 #[cfg(test)]
 mod tests;
 
+pub use block::Block;
 pub use device::{ActivateError, ActivatedQueue, VirtioDevice};
 pub use interrupt::{DeviceInterrupt, IsrStatus, VirtioInterrupt};
 pub use pci_device::{VirtioPciDevice, VirtioPciError};
 pub use pci_transport::{PciIds, VirtioPciCap, VirtioPciTransport};
 pub use rng::Rng;
+pub use vsock::Vsock;
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 

@@ -582,9 +582,12 @@ impl VirtioPciTransport {
             self.interrupt.clone(),
         ) {
             Ok(()) => self.active = true,
-            Err(e) => self
-                .interrupt
-                .set_needs_reset(&format_args!("activation failed: {e}")),
+            Err(e) => {
+                // A device that started threads before failing must stop them.
+                self.device.reset();
+                self.interrupt
+                    .set_needs_reset(&format_args!("activation failed: {e}"))
+            }
         }
     }
 

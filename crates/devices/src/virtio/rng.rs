@@ -62,10 +62,20 @@ impl VirtioDevice for Rng {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
         self.reset();
+        let rekick = event.try_clone().map_err(ActivateError::Thread)?;
         let worker = QueueWorker::spawn("virtio-rng".into(), vec![(index, event)], move |_| {
             let guard = mem.memory();
             match serve(&mut queue, &guard, &interrupt) {
-                Ok(()) => Next::Continue,
+                Ok(Served::All) => Next::Continue,
+                // Back to epoll between batches so a reset (the kill eventfd) is never kept
+                // waiting by a driver that keeps the queue full.
+                Ok(Served::Batch) => match rekick.write(1) {
+                    Ok(()) => Next::Continue,
+                    Err(e) => {
+                        interrupt.set_needs_reset(&format!("re-arming the queue: {e}"));
+                        Next::Stop
+                    }
+                },
                 Err(e) => {
                     interrupt.set_needs_reset(&e);
                     Next::Stop
@@ -132,22 +142,36 @@ impl From<virtio_queue::Error> for QueueError {
     }
 }
 
-/// Serves every available chain, then re-enables notifications (looping if more arrived) and
-/// interrupts the driver if it asked to be.
+/// How much of the queue one call served.
+#[derive(Debug, PartialEq, Eq)]
+enum Served {
+    /// Everything available; notifications are on again.
+    All,
+    /// A queue's worth of chains; more may be waiting and notifications are still off.
+    Batch,
+}
+
+/// Serves available chains (at most a queue's worth), re-enables notifications when the queue is
+/// empty (looping if more arrived), and interrupts the driver if it asked to be.
 fn serve(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &DeviceInterrupt,
-) -> Result<(), QueueError> {
+) -> Result<Served, QueueError> {
     let mut used_any = false;
-    loop {
+    let mut budget = usize::from(queue.size());
+    let served = loop {
         queue.disable_notification(mem)?;
         let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
         let next = queue.next_avail();
         if avail.wrapping_sub(next) > queue.size() {
             return Err(QueueError::AvailIndex { avail, next });
         }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while budget > 0 {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             let mut written = 0u32;
             let mut count = 0usize;
@@ -169,16 +193,19 @@ fn serve(
             queue.add_used(mem, head, written)?;
             used_any = true;
         }
-        if !queue.enable_notification(mem)? {
-            break;
+        if budget == 0 {
+            break Served::Batch;
         }
-    }
+        if !queue.enable_notification(mem)? {
+            break Served::All;
+        }
+    };
     if used_any && queue.needs_notification(mem)? {
         if let Err(e) = interrupt.signal_queue(0) {
             tracing::warn!("virtio-rng: interrupt: {e}");
         }
     }
-    Ok(())
+    Ok(served)
 }
 
 fn fill_random(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Result<(), QueueError> {

@@ -5,7 +5,7 @@ mod size;
 
 use std::path::PathBuf;
 
-pub use parse::{parse_cpus, parse_memory, parse_serial};
+pub use parse::{parse_cpus, parse_disk, parse_memory, parse_serial, parse_vsock};
 pub use size::parse_size;
 
 use crate::arch::cpu_template::CpuTemplate;
@@ -69,6 +69,33 @@ pub struct VmConfig {
     pub dump_acpi: Option<PathBuf>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
+    /// A virtio-vsock device with its host side on Unix sockets.
+    pub vsock: Option<VsockConfig>,
+    /// virtio-blk devices, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A virtio-blk disk on a raw image (`--disk path=FILE[,readonly=on][,num_queues=N][,id=ID]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// Request queues, 1..=[`MAX_DISK_QUEUES`].
+    pub num_queues: u16,
+    /// The serial the guest reads (GET_ID), at most 20 bytes; else derived from the path.
+    pub id: Option<String>,
+}
+
+/// The most queues a disk may have.
+pub const MAX_DISK_QUEUES: u16 = 64;
+
+/// virtio-vsock (`--vsock cid=N,socket=PATH`): the guest's CID and the Unix socket the host
+/// side listens on (Firecracker's hybrid vsock: guest connections to port P go to `PATH_P`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// At least 3 (0-2 are reserved).
+    pub cid: u32,
+    pub socket: PathBuf,
 }
 
 /// Command line for a user's kernel when none is given.

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use super::{CpusConfig, MemoryConfig, SerialConfig, parse_size};
+use super::{
+    CpusConfig, DiskConfig, MAX_DISK_QUEUES, MemoryConfig, SerialConfig, VsockConfig, parse_size,
+};
 use crate::arch::cpu_template::CpuTemplate;
 
 /// Splits `a=1,b=2` into pairs. Items without `=` that start with `-` continue the previous value
@@ -76,6 +78,80 @@ pub fn parse_serial(text: &str) -> Result<SerialConfig, String> {
     }
 }
 
+/// `--disk path=FILE[,readonly=on|off][,num_queues=N][,id=ID]`.
+pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let mut path = None;
+    let mut cfg = DiskConfig {
+        path: PathBuf::new(),
+        readonly: false,
+        num_queues: 1,
+        id: None,
+    };
+    for (k, v) in pairs("disk", text)? {
+        match k {
+            "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+            "path" => return Err("disk: path= needs a file".into()),
+            "readonly" => {
+                cfg.readonly = match v.as_str() {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(format!("disk: readonly='{v}' is not on or off")),
+                }
+            }
+            "num_queues" => {
+                cfg.num_queues = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "disk: num_queues='{v}' is not a number from 1 to {MAX_DISK_QUEUES}"
+                        )
+                    })?
+            }
+            "id" if (1..=20).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) => {
+                cfg.id = Some(v)
+            }
+            "id" => {
+                return Err(format!(
+                    "disk: id='{v}' must be 1 to 20 printable ASCII characters"
+                ));
+            }
+            _ => return Err(unknown("disk", k, "path, readonly, num_queues, id")),
+        }
+    }
+    cfg.path = path.ok_or("disk: path=FILE is required")?;
+    Ok(cfg)
+}
+
+/// `--vsock cid=N,socket=PATH`: the guest's CID (at least 3) and the host-side Unix socket.
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut socket) = (None, None);
+    for (k, v) in pairs("vsock", text)? {
+        match k {
+            "cid" => {
+                let n = v
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("vsock cid '{v}' is not a number"))?;
+                if n < 3 {
+                    return Err(format!(
+                        "vsock cid must be at least 3 (0-2 are reserved), not {n}"
+                    ));
+                }
+                cid = Some(n);
+            }
+            "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            "socket" => return Err("vsock socket= needs a path".into()),
+            _ => return Err(unknown("vsock", k, "cid, socket")),
+        }
+    }
+    match (cid, socket) {
+        (Some(cid), Some(socket)) => Ok(VsockConfig { cid, socket }),
+        _ => Err("--vsock needs cid=N,socket=PATH".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +189,34 @@ mod tests {
     }
 
     #[test]
+    fn vsock_forms() {
+        let v = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!((v.cid, v.socket), (3, PathBuf::from("/tmp/v.sock")));
+        assert!(
+            parse_vsock("cid=2,socket=/x")
+                .unwrap_err()
+                .contains("at least 3")
+        );
+        assert!(
+            parse_vsock("cid=x,socket=/x")
+                .unwrap_err()
+                .contains("not a number")
+        );
+        assert!(
+            parse_vsock("cid=3")
+                .unwrap_err()
+                .contains("cid=N,socket=PATH")
+        );
+        assert!(parse_vsock("socket=/x").is_err());
+        assert!(parse_vsock("cid=3,socket=").is_err());
+        assert!(
+            parse_vsock("cid=3,socket=/x,port=1")
+                .unwrap_err()
+                .contains("unknown vsock key 'port'")
+        );
+    }
+
+    #[test]
     fn serial_forms() {
         assert_eq!(parse_serial("tty").unwrap(), SerialConfig::Tty);
         assert_eq!(parse_serial("off").unwrap(), SerialConfig::Off);
@@ -122,5 +226,31 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("pty").is_err());
+    }
+
+    #[test]
+    fn disk_forms() {
+        let d = parse_disk("path=/img/a.raw").unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a.raw"));
+        assert!(!d.readonly && d.num_queues == 1 && d.id.is_none());
+        let d = parse_disk("path=b.raw,readonly=on,num_queues=4,id=data-1").unwrap();
+        assert!(d.readonly);
+        assert_eq!(d.num_queues, 4);
+        assert_eq!(d.id.as_deref(), Some("data-1"));
+        for (bad, why) in [
+            ("readonly=on", "path=FILE is required"),
+            ("path=", "needs a file"),
+            ("path=a,num_queues=0", "num_queues='0'"),
+            ("path=a,num_queues=65", "num_queues='65'"),
+            ("path=a,num_queues=x", "num_queues='x'"),
+            ("path=a,readonly=maybe", "readonly='maybe'"),
+            ("path=a,id=123456789012345678901", "1 to 20"),
+            ("path=a,id=", "1 to 20"),
+            ("path=a,cache=none", "unknown disk key 'cache'"),
+            ("a.raw", "not key=value"),
+        ] {
+            let e = parse_disk(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

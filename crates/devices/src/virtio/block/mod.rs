@@ -1,0 +1,45 @@
+//! virtio-blk (block device, id 2) on raw image files.
+//!
+//! - [`request`]: a request parsed out of a descriptor chain (header, data, status byte), with
+//!   every guest-controlled field checked.
+//! - [`backend`]: what the device needs from an image ([`DiskBackend`]); [`raw`]: raw files
+//!   ([`RawFile`]), locked with `flock` so two VMs cannot write one image.
+//! - [`device`]: the virtio device ([`Block`]): features, configuration space, and the worker
+//!   thread that serves every queue.
+//!
+//! I/O is synchronous (`pread`/`pwrite` through a bounce buffer) on the device's own thread, so a
+//! slow disk stalls this device's queues but never a vCPU.
+
+pub mod backend;
+pub mod device;
+pub mod raw;
+pub mod request;
+
+#[cfg(test)]
+mod tests;
+
+pub use backend::DiskBackend;
+pub use device::{Block, SERIAL_LEN, serial_for};
+pub use raw::{DiskError, RawFile};
+pub use request::SECTOR_SIZE;
+
+/// Feature bits (virtio 1.2 §5.2.3).
+pub mod feature {
+    use virtio_bindings::virtio_blk as b;
+    pub const SIZE_MAX: u64 = 1 << b::VIRTIO_BLK_F_SIZE_MAX;
+    pub const SEG_MAX: u64 = 1 << b::VIRTIO_BLK_F_SEG_MAX;
+    pub const RO: u64 = 1 << b::VIRTIO_BLK_F_RO;
+    pub const BLK_SIZE: u64 = 1 << b::VIRTIO_BLK_F_BLK_SIZE;
+    pub const FLUSH: u64 = 1 << b::VIRTIO_BLK_F_FLUSH;
+    pub const MQ: u64 = 1 << b::VIRTIO_BLK_F_MQ;
+    pub const DISCARD: u64 = 1 << b::VIRTIO_BLK_F_DISCARD;
+    pub const WRITE_ZEROES: u64 = 1 << b::VIRTIO_BLK_F_WRITE_ZEROES;
+}
+
+/// Request status byte values.
+pub mod status {
+    use virtio_bindings::virtio_blk as b;
+    pub const OK: u8 = b::VIRTIO_BLK_S_OK as u8;
+    pub const IOERR: u8 = b::VIRTIO_BLK_S_IOERR as u8;
+    pub const UNSUPP: u8 = b::VIRTIO_BLK_S_UNSUPP as u8;
+}
