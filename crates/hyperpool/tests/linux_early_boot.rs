@@ -124,6 +124,6 @@ fn debian_bzimage_sees_our_machine() {
         &dir.join("vmlinuz"),
         2,
         &expectations(2),
-        Duration::from_secs(300),
+        Duration::from_secs(600),
     );
 }
