@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyperpool_vmm::config::{
-    CpusConfig, DiskConfig, MemoryConfig, SerialConfig, VsockConfig, parse_cpus, parse_disk,
-    parse_memory, parse_serial, parse_vsock,
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, SerialConfig, VsockConfig,
+    parse_console, parse_cpus, parse_disk, parse_memory, parse_net, parse_serial, parse_vsock,
 };
 
 #[derive(Parser)]
@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run one VM in the foreground; without --kernel, the built-in probe guest.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Build guest images.
     #[command(subcommand)]
     Guest(GuestCommand),
@@ -47,6 +47,9 @@ pub struct RunArgs {
     /// Where COM1 goes: tty, off, or file=PATH.
     #[arg(long, value_name = "SPEC", value_parser = parse_serial, default_value = "tty")]
     pub serial: SerialConfig,
+    /// A virtio console: off, tty, or file=PATH. With tty, stdin goes to it instead of COM1.
+    #[arg(long, value_name = "SPEC", value_parser = parse_console, default_value = "off")]
+    pub console: ConsoleConfig,
     /// What a guest reboot does.
     #[arg(long, value_enum, default_value_t = OnRebootArg::Exit)]
     pub on_reboot: OnRebootArg,
@@ -64,6 +67,10 @@ pub struct RunArgs {
     /// (repeatable).
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
+    /// A virtio-net device on a TAP interface: tap=NAME[,mac=MAC][,num_queues=2] (repeatable;
+    /// the TAP is created if it does not exist and we may).
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -17,6 +17,7 @@ pub fn config(args: RunArgs) -> VmConfig {
         cpus: args.cpus,
         memory: args.memory,
         serial: args.serial,
+        console: args.console,
         on_reboot: match args.on_reboot {
             OnRebootArg::Exit => OnReboot::Exit,
             OnRebootArg::Restart => OnReboot::Restart,
@@ -25,6 +26,7 @@ pub fn config(args: RunArgs) -> VmConfig {
         rng: args.rng,
         vsock: args.vsock,
         disks: args.disks,
+        nets: args.nets,
     }
 }
 

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match cli.command {
-        cli::Command::Run(args) => cmd_run::run(args, start),
+        cli::Command::Run(args) => cmd_run::run(*args, start),
         cli::Command::Guest(args) => cmd_guest::run(args),
     };
     match result {

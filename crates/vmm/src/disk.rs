@@ -1,11 +1,17 @@
 //! Opening the VM's disks: every image is opened and locked before any device exists, so bad
-//! input (missing or locked image, duplicate ids) stops the VM before the guest starts.
+//! input (missing or locked image, corrupt or unsupported qcow2, missing backing file, duplicate
+//! ids) stops the VM before the guest starts. The format is `format=` or else comes from the
+//! file (qcow2 if it starts with the qcow2 magic, else raw). A detected qcow2 image may not name
+//! a backing file: a guest can write any header into a raw disk it owns, and a backing file is a
+//! path on the host — so following one takes the user's explicit `format=qcow2`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use hyperpool_devices::virtio::Block;
+use hyperpool_devices::virtio::block::{Qcow2File, qcow2, serial_for};
 
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, DiskFormat};
 use crate::error::{Error, Result};
 
 pub(crate) fn open_all(disks: &[DiskConfig]) -> Result<Vec<Block>> {
@@ -22,6 +28,30 @@ pub(crate) fn open_all(disks: &[DiskConfig]) -> Result<Vec<Block>> {
     disks
         .iter()
         .map(|d| {
+            let is_qcow2 = match d.format {
+                Some(DiskFormat::Qcow2) => true,
+                Some(DiskFormat::Raw) => false,
+                None if qcow2::is_qcow2(&d.path) => {
+                    if qcow2::names_backing_file(&d.path) {
+                        return Err(Error::Config(format!(
+                            "--disk: {} is a qcow2 image with a backing file; add format=qcow2 to use it (a detected format never follows a backing file)",
+                            d.path.display()
+                        )));
+                    }
+                    true
+                }
+                None => false,
+            };
+            if is_qcow2 {
+                let image = Qcow2File::open(&d.path, d.readonly)
+                    .map_err(|e| Error::Config(format!("--disk: {e}")))?;
+                return Ok(Block::new(
+                    Arc::new(image),
+                    d.readonly,
+                    d.num_queues,
+                    serial_for(&d.path, d.id.as_deref()),
+                ));
+            }
             Block::open_raw(&d.path, d.readonly, d.num_queues, d.id.as_deref())
                 .map_err(|e| Error::Config(format!("--disk: {e}")))
         })
@@ -38,6 +68,7 @@ mod tests {
             readonly: true,
             num_queues: 1,
             id: id.map(str::to_owned),
+            format: None,
         }
     }
 
@@ -60,6 +91,19 @@ mod tests {
             e.to_string().contains(&missing.display().to_string()),
             "{e}"
         );
+        std::fs::remove_file(&img).unwrap();
+    }
+
+    #[test]
+    fn qcow2_is_detected_by_its_magic() {
+        let img = std::env::temp_dir().join(format!("hp-disk-qcow2-{}", std::process::id()));
+        let mut bytes = b"QFI\xfb\0\0\0\x03".to_vec();
+        bytes.resize(4096, 0);
+        std::fs::write(&img, &bytes).unwrap();
+        let e = open_all(&[disk(&img, None)]).unwrap_err();
+        assert!(e.is_user_error(), "{e}");
+        assert!(e.to_string().contains("qcow2 image"), "{e}");
+        assert!(e.to_string().contains("corrupt header"), "{e}");
         std::fs::remove_file(&img).unwrap();
     }
 }

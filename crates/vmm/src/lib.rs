@@ -9,6 +9,7 @@ mod disk;
 pub mod error;
 pub mod host;
 pub mod machine;
+mod net;
 pub mod pci;
 pub mod run;
 pub mod serial_io;

@@ -21,12 +21,12 @@ use crate::arch::layout::{
     KVM_IDENTITY_MAP_START, KVM_TSS_START, MMIO32_START, RTC_IRQ, ram_ranges,
 };
 use crate::arch::regs::write_descriptor_tables;
-use crate::config::VmConfig;
+use crate::config::{ConsoleConfig, VmConfig};
 use crate::error::{Error, Result};
 use crate::pci::Pci;
 use crate::serial_io;
 use crate::vcpu::{self, Buses, VcpuSpec};
-use hyperpool_devices::virtio::{Rng, VirtioDevice, VirtioPciDevice, Vsock};
+use hyperpool_devices::virtio::{Console, ConsoleInput, Rng, VirtioDevice, VirtioPciDevice, Vsock};
 use vm_memory::GuestMemoryAtomic;
 
 /// The ACPI sleep type for S5 that the DSDT advertises and [`AcpiPm`] accepts.
@@ -47,7 +47,8 @@ pub struct Machine {
     pub vcpus: Vec<VcpuFd>,
     pub buses: Buses,
     pub exit: Arc<ExitSignal>,
-    pub serial_input: SerialInput,
+    /// Where the host's stdin goes: COM1, or the virtio console with `--console tty`.
+    pub input: serial_io::HostInput,
     pub vm: Arc<VmFd>,
     pub memory: GuestMemoryMmap,
 }
@@ -59,13 +60,13 @@ pub fn build(kvm: &Kvm, cfg: &VmConfig, images: &BootImages, start: Instant) -> 
     let memory = create_memory(cfg.memory.size)?;
     register_memory(&vm, &memory)?;
     create_platform(&vm)?;
-    let (vcpus, buses, exit, serial_input) = populate(kvm, &vm, &memory, cfg, images, start)?;
+    let (vcpus, buses, exit, input) = populate(kvm, &vm, &memory, cfg, images, start)?;
 
     Ok(Machine {
         vcpus,
         buses,
         exit,
-        serial_input,
+        input,
         vm,
         memory,
     })
@@ -94,7 +95,7 @@ fn populate(
     cfg: &VmConfig,
     images: &BootImages,
     start: Instant,
-) -> Result<(Vec<VcpuFd>, Buses, Arc<ExitSignal>, SerialInput)> {
+) -> Result<(Vec<VcpuFd>, Buses, Arc<ExitSignal>, serial_io::HostInput)> {
     let map = memory_map(cfg.memory.size);
 
     let acpi = hyperpool_acpi::build(&acpi_config(cfg.cpus.boot, cfg.memory.size))
@@ -129,7 +130,12 @@ fn populate(
     let (mut pio, serial_input) = platform_devices(vm, cfg, &exit, start)?;
     let mut mmio = Bus::new();
     let pci = Pci::new(vm, cfg.memory.size)?;
-    add_devices(&pci, memory, cfg)?;
+    let input = match add_devices(&pci, memory, cfg)? {
+        Some(console) if cfg.console == ConsoleConfig::Tty => {
+            serial_io::HostInput::Console(console)
+        }
+        _ => serial_io::HostInput::Serial(serial_input),
+    };
     pci.attach(&mut pio, &mut mmio)?;
     let buses = Buses {
         pio: Arc::new(pio),
@@ -154,11 +160,16 @@ fn populate(
         })
         .collect::<Result<Vec<_>>>()?;
 
-    Ok((vcpus, buses, exit, serial_input))
+    Ok((vcpus, buses, exit, input))
 }
 
-/// The VM's PCI devices, in slot order: one line per device kind.
-fn add_devices(pci: &Pci, memory: &GuestMemoryMmap, cfg: &VmConfig) -> Result<()> {
+/// The VM's PCI devices, in slot order: one line per device kind. Returns the virtio console's
+/// input, if there is a console.
+fn add_devices(
+    pci: &Pci,
+    memory: &GuestMemoryMmap,
+    cfg: &VmConfig,
+) -> Result<Option<ConsoleInput>> {
     if cfg.rng {
         add_virtio(pci, memory, Box::new(Rng::new()))?;
     }
@@ -170,7 +181,11 @@ fn add_devices(pci: &Pci, memory: &GuestMemoryMmap, cfg: &VmConfig) -> Result<()
     for disk in crate::disk::open_all(&cfg.disks)? {
         add_virtio(pci, memory, Box::new(disk))?;
     }
-    Ok(())
+    for net in crate::net::open_all(&cfg.nets)? {
+        add_virtio(pci, memory, Box::new(net))?;
+    }
+    let console = add_console(pci, memory, cfg)?;
+    Ok(console)
 }
 
 /// Puts a virtio device on the PCI segment with its own MSI-X vectors.
@@ -181,6 +196,21 @@ fn add_virtio(pci: &Pci, memory: &GuestMemoryMmap, device: Box<dyn VirtioDevice>
         .map_err(|e| Error::Devices(format!("virtio: {e}")))?;
     pci.add_device(Arc::new(Mutex::new(dev)))?;
     Ok(())
+}
+
+/// The virtio console (`--console`), if any; returns its input.
+fn add_console(
+    pci: &Pci,
+    memory: &GuestMemoryMmap,
+    cfg: &VmConfig,
+) -> Result<Option<ConsoleInput>> {
+    let Some(output) = serial_io::console_output(&cfg.console)? else {
+        return Ok(None);
+    };
+    let dev = Console::new(output).map_err(Error::io("creating the virtio console"))?;
+    let input = dev.input();
+    add_virtio(pci, memory, Box::new(dev))?;
+    Ok(Some(input))
 }
 
 fn create_memory(size: u64) -> Result<GuestMemoryMmap> {

@@ -6,14 +6,14 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hyperpool_devices::legacy::{DebugExit, SerialInput};
+use hyperpool_devices::legacy::DebugExit;
 use hyperpool_devices::{ExitRequest, ExitSignal};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::arch::boot;
 use crate::arch::layout::MIN_MEMORY;
-use crate::config::{OnReboot, SerialConfig, VmConfig};
+use crate::config::{ConsoleConfig, OnReboot, SerialConfig, VmConfig};
 use crate::error::{Error, Result};
 use crate::machine::{self, BootImages, Machine};
 use crate::{host, serial_io, vcpu};
@@ -170,7 +170,8 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
     install_vcpu_kick_handler()?;
     let signals = SignalForwarder::start()?;
     let input = InputSlot::default();
-    let _raw = if cfg.serial == SerialConfig::Tty {
+    // Raw mode and the stdin pump serve whichever console reads stdin (see `serial_io`).
+    let _raw = if cfg.serial == SerialConfig::Tty || cfg.console == ConsoleConfig::Tty {
         let raw = serial_io::RawTerminal::enter();
         input.spawn_pump()?;
         raw
@@ -205,7 +206,7 @@ fn run_machine(
 ) -> Result<Outcome> {
     let exit = machine.exit.clone();
     signals.attach(exit.clone());
-    input.attach(machine.serial_input.clone());
+    input.attach(machine.input.clone());
 
     let count = machine.vcpus.len() as u32;
     let mut threads = Vec::new();
@@ -328,12 +329,12 @@ impl SignalForwarder {
     }
 }
 
-/// The serial input of whichever VM is current, fed by one stdin thread for the whole process.
+/// The stdin target of whichever VM is current, fed by one stdin thread for the whole process.
 #[derive(Clone, Default)]
-struct InputSlot(Arc<Mutex<Option<SerialInput>>>);
+struct InputSlot(Arc<Mutex<Option<serial_io::HostInput>>>);
 
 impl InputSlot {
-    fn attach(&self, input: SerialInput) {
+    fn attach(&self, input: serial_io::HostInput) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(input);
     }
 

@@ -1,4 +1,6 @@
-//! Connecting the guest's COM1 to the host: a terminal (raw, always restored), a file, or nothing.
+//! Connecting the guest's consoles to the host: a terminal (raw, always restored), a file, or
+//! nothing. COM1 follows `--serial`; the optional virtio console follows `--console`. Only one
+//! of them reads stdin: the virtio console with `--console tty`, else COM1 with `--serial tty`.
 
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Read, Write};
@@ -6,7 +8,10 @@ use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::config::SerialConfig;
+use hyperpool_devices::legacy::SerialInput;
+use hyperpool_devices::virtio::ConsoleInput;
+
+use crate::config::{ConsoleConfig, SerialConfig};
 use crate::error::{Error, Result};
 
 /// The writer COM1 transmits into.
@@ -22,6 +27,38 @@ pub fn output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>> {
                 .map_err(|e| Error::Config(format!("--serial file={}: {e}", path.display())))?,
         ),
     })
+}
+
+/// The writer the virtio console transmits into; `None` for `--console off` (no device).
+pub fn console_output(cfg: &ConsoleConfig) -> Result<Option<Box<dyn Write + Send>>> {
+    Ok(match cfg {
+        ConsoleConfig::Off => None,
+        ConsoleConfig::Tty => Some(Box::new(std::io::stdout())),
+        ConsoleConfig::File(path) => Some(Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::Config(format!("--console file={}: {e}", path.display())))?,
+        )),
+    })
+}
+
+/// Where the host's stdin goes.
+#[derive(Clone)]
+pub enum HostInput {
+    Serial(SerialInput),
+    Console(ConsoleInput),
+}
+
+impl HostInput {
+    /// Queues as much of `bytes` as the guest side takes now; returns how many were taken.
+    pub fn push(&self, bytes: &[u8]) -> usize {
+        match self {
+            Self::Serial(s) => s.push(bytes),
+            Self::Console(c) => c.push(bytes),
+        }
+    }
 }
 
 /// The terminal settings before this process made stdin raw; `Some` while it is raw.
@@ -80,7 +117,7 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Feeds the host's stdin to the guest's COM1 until stdin ends. The thread is detached: it may
+/// Feeds the host's stdin to the guest (COM1 or the virtio console) until stdin ends. The thread is detached: it may
 /// sit in `read` when the VM ends, and the process exit reaps it.
 /// `push` takes bytes and returns how many the guest accepted.
 pub fn spawn_stdin_pump(push: impl Fn(&[u8]) -> usize + Send + 'static) -> Result<()> {

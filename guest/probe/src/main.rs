@@ -12,10 +12,12 @@ mod blk;
 mod boot;
 mod builtins;
 mod cmdline;
+mod console;
 mod cpu;
 mod end;
 mod heap;
 mod mem;
+mod net;
 mod paging;
 mod pci;
 mod pvh;
@@ -75,7 +77,9 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "rng" => virtio::rng_check(si.rsdp_paddr),
         "blk" => blk::check(si.rsdp_paddr),
         "vsock" => vsock::check(si.rsdp_paddr),
+        "net" => net::check(si.rsdp_paddr),
         "vsock-listen" => vsock::listen_check(si.rsdp_paddr),
+        "console" => console::check(si.rsdp_paddr),
         _ => Err("unknown check".into()),
     }
 }

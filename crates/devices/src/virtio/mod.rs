@@ -11,13 +11,17 @@
 //! - [`rng`]: virtio-rng ([`Rng`]).
 //! - [`vsock`]: virtio-vsock on host Unix sockets ([`Vsock`]).
 //! - [`block`]: virtio-blk on raw images ([`Block`]).
+//! - [`net`]: virtio-net on a TAP ([`Net`]).
+//! - [`console`]: virtio-console, one port ([`Console`], host input through [`ConsoleInput`]).
 //!
 //! Everything the guest controls (registers, rings, descriptors) is treated as hostile: a bad value
 //! never panics; a broken queue sets `DEVICE_NEEDS_RESET` and is logged once.
 
 pub mod block;
+pub mod console;
 pub mod device;
 pub mod interrupt;
+pub mod net;
 pub mod pci_device;
 pub mod pci_transport;
 pub mod rng;
@@ -28,8 +32,10 @@ pub mod worker;
 mod tests;
 
 pub use block::Block;
+pub use console::{Console, ConsoleInput};
 pub use device::{ActivateError, ActivatedQueue, VirtioDevice};
 pub use interrupt::{DeviceInterrupt, IsrStatus, VirtioInterrupt};
+pub use net::Net;
 pub use pci_device::{VirtioPciDevice, VirtioPciError};
 pub use pci_transport::{PciIds, VirtioPciCap, VirtioPciTransport};
 pub use rng::Rng;

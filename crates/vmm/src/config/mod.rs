@@ -5,7 +5,9 @@ mod size;
 
 use std::path::PathBuf;
 
-pub use parse::{parse_cpus, parse_disk, parse_memory, parse_serial, parse_vsock};
+pub use parse::{
+    parse_console, parse_cpus, parse_disk, parse_memory, parse_net, parse_serial, parse_vsock,
+};
 pub use size::parse_size;
 
 use crate::arch::cpu_template::CpuTemplate;
@@ -45,6 +47,17 @@ pub enum SerialConfig {
     Off,
 }
 
+/// The optional virtio console (`--console off|tty|file=PATH`). With `Tty` its output goes to
+/// stdout and the host's stdin goes to it instead of COM1 (only one of them can own stdin).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ConsoleConfig {
+    /// No virtio console device.
+    #[default]
+    Off,
+    Tty,
+    File(PathBuf),
+}
+
 /// What a guest reset does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnReboot {
@@ -64,6 +77,8 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     pub memory: MemoryConfig,
     pub serial: SerialConfig,
+    /// The virtio console (off by default: COM1 is the console).
+    pub console: ConsoleConfig,
     pub on_reboot: OnReboot,
     /// Write the ACPI tables built for the guest into this directory.
     pub dump_acpi: Option<PathBuf>,
@@ -73,6 +88,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-blk devices, in PCI slot order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices on TAP interfaces, in PCI slot order.
+    pub nets: Vec<NetConfig>,
 }
 
 /// A virtio-blk disk on a raw image (`--disk path=FILE[,readonly=on][,num_queues=N][,id=ID]`).
@@ -84,6 +101,26 @@ pub struct DiskConfig {
     pub num_queues: u16,
     /// The serial the guest reads (GET_ID), at most 20 bytes; else derived from the path.
     pub id: Option<String>,
+    /// The image format; `None` detects it from the file (qcow2 magic, else raw).
+    pub format: Option<DiskFormat>,
+}
+
+/// Disk image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+/// virtio-net on a TAP (`--net tap=NAME[,mac=MAC][,num_queues=N]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface, opened (or, with `CAP_NET_ADMIN`, created) by name.
+    pub tap: String,
+    /// The guest's MAC; a random locally administered one when `None`.
+    pub mac: Option<[u8; 6]>,
+    /// Virtqueues (RX + TX), Cloud Hypervisor's convention; only 2 (one pair) so far.
+    pub num_queues: u16,
 }
 
 /// The most queues a disk may have.

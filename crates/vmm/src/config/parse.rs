@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use super::{
-    CpusConfig, DiskConfig, MAX_DISK_QUEUES, MemoryConfig, SerialConfig, VsockConfig, parse_size,
+    ConsoleConfig, CpusConfig, DiskConfig, DiskFormat, MAX_DISK_QUEUES, MemoryConfig, NetConfig,
+    SerialConfig, VsockConfig, parse_size,
 };
 use crate::arch::cpu_template::CpuTemplate;
 
@@ -78,6 +79,15 @@ pub fn parse_serial(text: &str) -> Result<SerialConfig, String> {
     }
 }
 
+/// `--console off|tty|file=PATH` (the grammar of `--serial`).
+pub fn parse_console(text: &str) -> Result<ConsoleConfig, String> {
+    Ok(match parse_serial(text)? {
+        SerialConfig::Off => ConsoleConfig::Off,
+        SerialConfig::Tty => ConsoleConfig::Tty,
+        SerialConfig::File(p) => ConsoleConfig::File(p),
+    })
+}
+
 /// `--disk path=FILE[,readonly=on|off][,num_queues=N][,id=ID]`.
 pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     let mut path = None;
@@ -86,6 +96,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
         readonly: false,
         num_queues: 1,
         id: None,
+        format: None,
     };
     for (k, v) in pairs("disk", text)? {
         match k {
@@ -117,11 +128,75 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
                     "disk: id='{v}' must be 1 to 20 printable ASCII characters"
                 ));
             }
-            _ => return Err(unknown("disk", k, "path, readonly, num_queues, id")),
+            "format" => {
+                cfg.format = Some(match v.as_str() {
+                    "raw" => DiskFormat::Raw,
+                    "qcow2" => DiskFormat::Qcow2,
+                    _ => return Err(format!("disk: format='{v}' is not raw or qcow2")),
+                })
+            }
+            _ => return Err(unknown("disk", k, "path, readonly, num_queues, id, format")),
         }
     }
     cfg.path = path.ok_or("disk: path=FILE is required")?;
     Ok(cfg)
+}
+
+/// `--net tap=NAME[,mac=MAC][,num_queues=N]`: a virtio-net device on TAP interface NAME.
+pub fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let mut cfg = NetConfig {
+        tap: String::new(),
+        mac: None,
+        num_queues: 2,
+    };
+    let mut tap = None;
+    for (k, v) in pairs("net", text)? {
+        match k {
+            "tap" => {
+                hyperpool_devices::virtio::net::tap::check_name(&v)
+                    .map_err(|e| format!("net: {e}"))?;
+                tap = Some(v);
+            }
+            "mac" => cfg.mac = Some(parse_mac(&v)?),
+            "num_queues" => {
+                cfg.num_queues = match v.parse::<u16>() {
+                    Ok(2) => 2,
+                    _ => {
+                        return Err(format!(
+                            "net: num_queues='{v}': only 2 (one RX/TX pair) is supported"
+                        ));
+                    }
+                }
+            }
+            _ => return Err(unknown("net", k, "tap, mac, num_queues")),
+        }
+    }
+    cfg.tap = tap.ok_or("net: tap=NAME is required")?;
+    Ok(cfg)
+}
+
+/// `aa:bb:cc:dd:ee:ff` (or with `-`): a unicast MAC other than all zeroes.
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("net: mac='{text}' is not a MAC address like 52:54:00:12:34:56");
+    let mut mac = [0u8; 6];
+    let mut parts = text.split([':', '-']);
+    for b in &mut mac {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("net: mac='{text}' is a multicast address"));
+    }
+    if mac == [0; 6] {
+        return Err(format!("net: mac='{text}' is all zeroes"));
+    }
+    Ok(mac)
 }
 
 /// `--vsock cid=N,socket=PATH`: the guest's CID (at least 3) and the host-side Unix socket.
@@ -217,6 +292,31 @@ mod tests {
     }
 
     #[test]
+    fn net_forms() {
+        let n = parse_net("tap=hptap0").unwrap();
+        assert_eq!((n.tap.as_str(), n.mac, n.num_queues), ("hptap0", None, 2));
+        let n = parse_net("tap=t1,mac=52:54:00:AB:cd:01,num_queues=2").unwrap();
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 1]));
+        for (bad, why) in [
+            ("mac=52:54:00:12:34:56", "tap=NAME is required"),
+            ("tap=", "1 to 15"),
+            ("tap=a234567890123456", "1 to 15"),
+            ("tap=a/b", "not a valid interface name"),
+            ("tap=t,mac=52:54:00:12:34", "not a MAC"),
+            ("tap=t,mac=52:54:00:12:34:56:78", "not a MAC"),
+            ("tap=t,mac=52:54:00:12:34:zz", "not a MAC"),
+            ("tap=t,mac=525400123456", "not a MAC"),
+            ("tap=t,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap=t,mac=00:00:00:00:00:00", "all zeroes"),
+            ("tap=t,num_queues=4", "only 2"),
+            ("tap=t,vhost=on", "unknown net key 'vhost'"),
+        ] {
+            let e = parse_net(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn serial_forms() {
         assert_eq!(parse_serial("tty").unwrap(), SerialConfig::Tty);
         assert_eq!(parse_serial("off").unwrap(), SerialConfig::Off);
@@ -226,6 +326,22 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("pty").is_err());
+    }
+
+    #[test]
+    fn console_forms() {
+        assert_eq!(parse_console("off").unwrap(), ConsoleConfig::Off);
+        assert_eq!(parse_console("tty").unwrap(), ConsoleConfig::Tty);
+        assert_eq!(
+            parse_console("file=/tmp/c").unwrap(),
+            ConsoleConfig::File("/tmp/c".into())
+        );
+        assert!(parse_console("file=").is_err());
+        assert!(parse_console("pty").is_err());
+        assert_eq!(
+            super::super::VmConfig::default().console,
+            ConsoleConfig::Off
+        );
     }
 
     #[test]

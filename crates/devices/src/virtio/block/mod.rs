@@ -1,9 +1,10 @@
-//! virtio-blk (block device, id 2) on raw image files.
+//! virtio-blk (block device, id 2) on raw and qcow2 image files.
 //!
 //! - [`request`]: a request parsed out of a descriptor chain (header, data, status byte), with
 //!   every guest-controlled field checked.
 //! - [`backend`]: what the device needs from an image ([`DiskBackend`]); [`raw`]: raw files
-//!   ([`RawFile`]), locked with `flock` so two VMs cannot write one image.
+//!   ([`RawFile`]), locked with `flock` so two VMs cannot write one image; [`qcow2`]: qcow2 images
+//!   with backing chains ([`Qcow2File`], on the `imago` crate).
 //! - [`device`]: the virtio device ([`Block`]): features, configuration space, and the worker
 //!   thread that serves every queue.
 //!
@@ -12,6 +13,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod qcow2;
 pub mod raw;
 pub mod request;
 
@@ -20,6 +22,7 @@ mod tests;
 
 pub use backend::DiskBackend;
 pub use device::{Block, SERIAL_LEN, serial_for};
+pub use qcow2::{Qcow2Error, Qcow2File};
 pub use raw::{DiskError, RawFile};
 pub use request::SECTOR_SIZE;
 

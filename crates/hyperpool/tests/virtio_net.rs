@@ -1,0 +1,222 @@
+//! virtio-net end to end: the probe guest (virtio-drivers' net driver) ARPs and exchanges a UDP
+//! echo with a server on the host side of a TAP that the VMM creates — all inside a network
+//! namespace the test creates and removes, so no traffic touches the host's own interfaces.
+
+mod common;
+
+use common::*;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TAP: &str = "hptap0";
+const MAC: &str = "52:54:00:12:34:56";
+
+/// True when the test can run; without root or `ip` it skips, except under CI=true.
+fn can_run() -> bool {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let python = Command::new("python3")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if root && ip && python {
+        return true;
+    }
+    let why = format!("needs root, `ip` and python3 (root={root} ip={ip} python3={python})");
+    assert!(!ci, "{why} on a CI machine");
+    eprintln!("skipping: {why}");
+    false
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A network namespace, removed on drop (also when the test fails), with the processes run
+/// inside it killed first.
+struct Netns {
+    name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    fn new() -> Self {
+        let name = format!("hp-test-{}", std::process::id());
+        let _ = ip(&["netns", "del", &name]);
+        assert!(ip(&["netns", "add", &name]), "ip netns add {name}");
+        Self {
+            name,
+            children: Vec::new(),
+        }
+    }
+
+    fn exec(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// A UDP echo server on 10.77.0.1:7 (IP_FREEBIND: the address comes with the TAP later).
+    fn start_echo_server(&mut self) {
+        let script = "import socket\n\
+                      s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                      s.setsockopt(socket.SOL_IP, 15, 1)\n\
+                      s.bind(('10.77.0.1', 7))\n\
+                      s.settimeout(120)\n\
+                      while True:\n\
+                      \x20   d, a = s.recvfrom(65536)\n\
+                      \x20   s.sendto(d, a)\n";
+        let child = self
+            .exec("python3")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn the UDP echo server");
+        self.children.push(child);
+    }
+
+    /// Waits for the VMM to create the TAP, then gives it 10.77.0.1/24 and brings it up.
+    fn configure_tap(&self, limit: Duration) -> Result<(), String> {
+        let ns = self.name.as_str();
+        let start = Instant::now();
+        while !ip(&["-n", ns, "link", "show", TAP]) {
+            if start.elapsed() > limit {
+                return Err(format!("{TAP} did not appear in {ns} within {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for args in [
+            ["-n", ns, "addr", "add", "10.77.0.1/24", "dev", TAP].as_slice(),
+            ["-n", ns, "link", "set", TAP, "up"].as_slice(),
+        ] {
+            if !ip(args) {
+                return Err(format!("ip {}", args.join(" ")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[test]
+fn probe_udp_echo_through_a_tap_in_a_namespace() {
+    if !kvm_available() || !can_run() {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.start_echo_server();
+    let spec = format!("tap={TAP},mac={MAC}");
+    let child = ns
+        .exec(hyperpool().to_str().unwrap())
+        .args([
+            "run",
+            "--serial",
+            "tty",
+            "--cmdline",
+            "probe=net",
+            "--net",
+            &spec,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hyperpool in the namespace");
+    let configured = ns.configure_tap(Duration::from_secs(10));
+    let out = wait_with_limit(child, PROBE_LIMIT);
+    if let Err(e) = configured {
+        panic!("{e}\n{}", out.describe());
+    }
+    assert_eq!(out.code(), 0, "{}", out.describe());
+    let figures = out.probe_ok("net");
+    assert_eq!(figures, format!("mac={MAC} echo=15"), "{}", out.describe());
+    assert!(out.stdout.contains("PROBE done"), "{}", out.describe());
+}
+
+#[test]
+fn bad_net_options_are_one_line_and_exit_2() {
+    for (spec, why) in [
+        ("tap=hptap0,mac=52:54:00:zz:34:56", "not a MAC address"),
+        ("tap=hptap0,mac=01:00:5e:00:00:01", "multicast"),
+        ("tap=a-much-too-long-name", "1 to 15 bytes"),
+        ("tap=hptap0,num_queues=3", "only 2"),
+        ("mac=52:54:00:12:34:56", "tap=NAME is required"),
+    ] {
+        let out = run(&["run", "--serial", "off", "--net", spec], PROBE_LIMIT);
+        assert_eq!(out.code(), 2, "{spec}: {}", out.describe());
+        let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{spec}: {}", out.describe());
+        assert!(lines[0].contains(why), "{spec}: {}", out.describe());
+    }
+}
+
+#[test]
+fn tap_that_cannot_be_opened_stops_before_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    // `lo` exists and is not a TAP: TUNSETIFF refuses it (EINVAL as root, EPERM otherwise).
+    let out = run(&["run", "--serial", "tty", "--net", "tap=lo"], PROBE_LIMIT);
+    assert_eq!(out.code(), 2, "{}", out.describe());
+    assert!(
+        out.stderr.contains("--net tap=lo: cannot open the TAP"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !out.stdout.contains("hyperpool-probe"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn one_tap_for_two_devices_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(
+        &[
+            "run",
+            "--serial",
+            "tty",
+            "--net",
+            "tap=hpdup0",
+            "--net",
+            "tap=hpdup0",
+        ],
+        PROBE_LIMIT,
+    );
+    assert_eq!(out.code(), 2, "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("TAP 'hpdup0' is used by more than one --net"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !out.stdout.contains("hyperpool-probe"),
+        "{}",
+        out.describe()
+    );
+}
