@@ -4,16 +4,14 @@
 //!
 //! Polled in ring 0: one request of 4 KiB each way per disk.
 
-use crate::pci::{self, Ecam};
-use crate::virtio::ProbeHal;
-use crate::{paging, println};
+use crate::println;
+use crate::virtio::{self, BarNote, Found, ProbeHal};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
-use virtio_drivers::transport::pci::bus::PciRoot;
-use virtio_drivers::transport::pci::{PciTransport, VIRTIO_VENDOR_ID};
+use virtio_drivers::transport::pci::VIRTIO_VENDOR_ID;
 
 /// Modern virtio-blk PCI device id (0x1040 + 2).
 const BLK_MODERN: u16 = 0x1042;
@@ -30,35 +28,10 @@ fn pattern() -> Vec<u8> {
     buf
 }
 
-/// Checks that the function's BARs are assigned and reachable through the probe's mappings.
-fn check_bars(root: &mut PciRoot<Ecam>, f: &pci::Function) -> Result<(), String> {
-    let df = f.df;
-    for b in pci::bars(root, f)? {
-        if b.address() == 0 {
-            return Err(format!("{df} bar{} unassigned", b.index));
-        }
-        if b.kind() != "io" {
-            let end = b.address() + b.size();
-            let window_ok = b.address() >> 21 == (end - 1) >> 21 && end <= 512 << 30;
-            if end > paging::MAPPED_LIMIT && !window_ok {
-                return Err(format!(
-                    "{df} bar{} at {:#x} is beyond the probe's identity map",
-                    b.index,
-                    b.address()
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Exercises one disk; returns `<id or slot>:rw|ro`.
-fn check_disk(root: &mut PciRoot<Ecam>, f: &pci::Function) -> Result<String, String> {
-    let df = f.df;
-    check_bars(root, f)?;
-    pci::enable(root, df);
-    let transport =
-        PciTransport::new::<ProbeHal, _>(root, df).map_err(|e| format!("{df} transport: {e}"))?;
+/// Exercises one disk (`found.functions[i]`); returns `<id or slot>:rw|ro`.
+fn check_disk(found: &mut Found, i: usize) -> Result<String, String> {
+    let df = found.functions[i].df;
+    let transport = found.open(i, BarNote::Index)?;
     let mut blk =
         VirtIOBlk::<ProbeHal, _>::new(transport).map_err(|e| format!("{df} init: {e}"))?;
     let capacity = blk.capacity();
@@ -100,21 +73,15 @@ fn check_disk(root: &mut PciRoot<Ecam>, f: &pci::Function) -> Result<String, Str
 
 /// The `blk` check.
 pub fn check(rsdp: u64) -> Result<String, String> {
-    let ecam = pci::find_ecam(rsdp)?;
-    let mut root = PciRoot::new(ecam);
-    let functions = pci::scan_bus(&ecam, 0);
-    let disks: Vec<&pci::Function> = functions
-        .iter()
-        .filter(|f| f.vendor == VIRTIO_VENDOR_ID && f.device == BLK_MODERN)
-        .collect();
-    if disks.is_empty() {
+    let mut found = virtio::find_id(rsdp, BLK_MODERN)?;
+    if found.functions.is_empty() {
         return Err(format!(
             "no virtio 1.x block device ({VIRTIO_VENDOR_ID:04x}:{BLK_MODERN:04x}) on bus 0"
         ));
     }
     let mut results = Vec::new();
-    for f in disks.iter().copied() {
-        results.push(check_disk(&mut root, f)?);
+    for i in 0..found.functions.len() {
+        results.push(check_disk(&mut found, i)?);
     }
-    Ok(format!("disks={} {}", disks.len(), results.join(",")))
+    Ok(format!("disks={} {}", results.len(), results.join(",")))
 }

@@ -5,15 +5,13 @@
 //!
 //! Everything polls in ring 0 and stays small: 16 receive buffers, a handful of frames.
 
-use crate::pci::{self, Ecam};
-use crate::virtio::ProbeHal;
-use crate::{paging, println, time};
+use crate::virtio::{self, ProbeHal};
+use crate::{println, time};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use virtio_drivers::device::net::VirtIONet;
-use virtio_drivers::transport::pci::bus::PciRoot;
-use virtio_drivers::transport::pci::{PciTransport, VIRTIO_VENDOR_ID};
+use virtio_drivers::transport::pci::PciTransport;
 
 /// Modern (virtio 1.x) virtio-net PCI device id (0x1040 + 1).
 const NET_MODERN: u16 = 0x1041;
@@ -232,48 +230,9 @@ fn exchange(net: &mut Net, ours: &[u8; 6]) -> Result<Figures, String> {
     }
 }
 
-/// Checks that every memory BAR is assigned and reachable through the probe's page tables.
-fn check_bars(root: &mut PciRoot<Ecam>, f: &pci::Function) -> Result<(), String> {
-    let df = f.df;
-    for b in pci::bars(root, f)? {
-        if b.address() == 0 {
-            return Err(format!("{df} bar{} unassigned", b.index));
-        }
-        if b.kind() != "io" {
-            let end = b.address() + b.size();
-            let window_ok = b.address() >> 21 == (end - 1) >> 21 && end <= 512 << 30;
-            if end > paging::MAPPED_LIMIT && !window_ok {
-                return Err(format!(
-                    "{df} bar{} at {:#x} is beyond the probe's identity map",
-                    b.index,
-                    b.address()
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The `net` check on the first modern virtio-net function of bus 0.
 pub fn check(rsdp: u64) -> Result<String, String> {
-    let ecam = pci::find_ecam(rsdp)?;
-    let mut root = PciRoot::new(ecam);
-    let functions = pci::scan_bus(&ecam, 0);
-    let func = functions
-        .iter()
-        .find(|f| f.vendor == VIRTIO_VENDOR_ID && f.device == NET_MODERN)
-        .ok_or_else(|| {
-            format!(
-                "no virtio 1.x net ({VIRTIO_VENDOR_ID:04x}:{NET_MODERN:04x}) on bus 0 \
-                 ({} functions)",
-                functions.len()
-            )
-        })?;
-    let df = func.df;
-    check_bars(&mut root, func)?;
-    pci::enable(&mut root, df);
-    let transport = PciTransport::new::<ProbeHal, _>(&mut root, df)
-        .map_err(|e| format!("{df} transport: {e}"))?;
+    let (df, transport) = virtio::open_first(rsdp, NET_MODERN, "net")?;
     let mut net = Net::new(transport, BUF_LEN).map_err(|e| format!("{df} device: {e}"))?;
     let ours: [u8; 6] = net.mac_address();
     let mac = mac_str(&ours);

@@ -15,7 +15,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 use virtio_drivers::device::common::Feature;
 use virtio_drivers::queue::VirtQueue;
-use virtio_drivers::transport::pci::bus::{PCI_CAP_ID_VNDR, PciRoot};
+use virtio_drivers::transport::pci::bus::{DeviceFunction, PCI_CAP_ID_VNDR, PciRoot};
 use virtio_drivers::transport::pci::{PciTransport, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_VENDOR_ID};
 use virtio_drivers::transport::{DeviceStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
@@ -96,7 +96,7 @@ unsafe impl Hal for ProbeHal {
     }
 
     unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
-        // Addresses above the boot identity map go through paging's window; `rng_check`
+        // Addresses above the boot identity map go through paging's window; `Found::open`
         // rejects BARs the window cannot reach before the transport is created.
         let _ = paging::ensure_mapped(paddr);
         NonNull::new(paddr as *mut u8).expect("MMIO at address 0")
@@ -107,6 +107,107 @@ unsafe impl Hal for ProbeHal {
     }
 
     unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
+}
+
+/// How `Found::open` words an unassigned BAR (the `rng` check names its type and size).
+#[derive(Clone, Copy)]
+pub enum BarNote {
+    /// `<df> bar<n> unassigned`
+    Index,
+    /// `<df> bar<n> (<kind> <size> bytes) unassigned`
+    KindAndSize,
+}
+
+/// The virtio functions on bus 0 that a check drives, with the `PciRoot` to bring them up.
+/// Shared by every virtio check (`blk`, `console`, `net`, `rng`, `vsock`).
+pub struct Found {
+    root: PciRoot<Ecam>,
+    /// Number of functions on bus 0 (matching or not), for "not found" messages.
+    pub scanned: usize,
+    /// The matching functions, in bus order.
+    pub functions: Vec<pci::Function>,
+}
+
+/// Scans bus 0 (ECAM from the MCFG) and keeps the virtio functions (vendor 1af4) for which
+/// `want` holds; `want` sees each virtio function once, in bus order.
+pub fn find(
+    rsdp: u64,
+    mut want: impl FnMut(&PciRoot<Ecam>, &pci::Function) -> bool,
+) -> Result<Found, String> {
+    let ecam = pci::find_ecam(rsdp)?;
+    let root = PciRoot::new(ecam);
+    let all = pci::scan_bus(&ecam, 0);
+    let scanned = all.len();
+    let functions = all
+        .into_iter()
+        .filter(|f| f.vendor == VIRTIO_VENDOR_ID && want(&root, f))
+        .collect();
+    Ok(Found {
+        root,
+        scanned,
+        functions,
+    })
+}
+
+/// [`find`] for one modern device id.
+pub fn find_id(rsdp: u64, device: u16) -> Result<Found, String> {
+    find(rsdp, |_, f| f.device == device)
+}
+
+/// The single-device checks' bring-up: the first function with modern device id `device`
+/// (`what` names it in the "not found" message), opened as in [`Found::open`].
+pub fn open_first(
+    rsdp: u64,
+    device: u16,
+    what: &str,
+) -> Result<(DeviceFunction, PciTransport), String> {
+    let mut found = find_id(rsdp, device)?;
+    if found.functions.is_empty() {
+        return Err(format!(
+            "no virtio 1.x {what} ({VIRTIO_VENDOR_ID:04x}:{device:04x}) on bus 0 \
+             ({} functions)",
+            found.scanned
+        ));
+    }
+    let df = found.functions[0].df;
+    Ok((df, found.open(0, BarNote::Index)?))
+}
+
+impl Found {
+    /// Brings up `functions[i]` to a `PciTransport`: its BARs must be assigned and reachable
+    /// through the probe's page tables (nothing here assigns them), then memory/I/O decoding
+    /// and bus mastering are enabled. The caller owns the device from there (and its reset).
+    pub fn open(&mut self, i: usize, note: BarNote) -> Result<PciTransport, String> {
+        let f = &self.functions[i];
+        let df = f.df;
+        for b in pci::bars(&mut self.root, f)? {
+            if b.address() == 0 {
+                return Err(match note {
+                    BarNote::Index => format!("{df} bar{} unassigned", b.index),
+                    BarNote::KindAndSize => format!(
+                        "{df} bar{} ({} {:#x} bytes) unassigned",
+                        b.index,
+                        b.kind(),
+                        b.size()
+                    ),
+                });
+            }
+            if b.kind() != "io" {
+                let end = b.address() + b.size();
+                let window_ok = b.address() >> 21 == (end - 1) >> 21 && end <= 512 << 30;
+                if end > paging::MAPPED_LIMIT && !window_ok {
+                    return Err(format!(
+                        "{df} bar{} at {:#x} is beyond the probe's identity map",
+                        b.index,
+                        b.address()
+                    ));
+                }
+            }
+        }
+        pci::enable(&mut self.root, df);
+        PciTransport::new::<ProbeHal, _>(&mut self.root, df)
+            .map_err(|e| format!("{df} transport: {e}"))
+    }
 }
 
 /// Modern (virtio 1.x) virtio-rng PCI device id (0x1040 + 4).
@@ -150,37 +251,13 @@ fn reset(mut transport: PciTransport) -> Result<(), String> {
     result
 }
 
-/// Brings up one virtio-rng device and reads `RNG_BYTES` from it.
-fn read_rng(root: &mut PciRoot<Ecam>, f: &pci::Function) -> Result<Vec<u8>, String> {
-    let df = f.df;
-    let bars = pci::bars(root, f)?;
-    for b in &bars {
-        if b.address() == 0 {
-            return Err(format!(
-                "{df} bar{} ({} {:#x} bytes) unassigned",
-                b.index,
-                b.kind(),
-                b.size()
-            ));
-        }
-        if b.kind() != "io" {
-            let end = b.address() + b.size();
-            let window_ok = b.address() >> 21 == (end - 1) >> 21 && end <= 512 << 30;
-            if end > paging::MAPPED_LIMIT && !window_ok {
-                return Err(format!(
-                    "{df} bar{} at {:#x} is beyond the probe's identity map",
-                    b.index,
-                    b.address()
-                ));
-            }
-        }
-    }
+/// Brings up one virtio-rng device (`found.functions[i]`) and reads `RNG_BYTES` from it.
+fn read_rng(found: &mut Found, i: usize) -> Result<Vec<u8>, String> {
+    let df = found.functions[i].df;
     // Declared before the transport and queue so that on every return path the device is
     // reset (transport dropped) before the buffer it may write to is freed.
     let mut buf = vec![0u8; RNG_BYTES];
-    pci::enable(root, df);
-    let mut transport =
-        PciTransport::new::<ProbeHal, _>(root, df).map_err(|e| format!("{df} transport: {e}"))?;
+    let mut transport = found.open(i, BarNote::KindAndSize)?;
     let feat = transport.begin_init(Feature::VERSION_1);
     if !feat.contains(Feature::VERSION_1) {
         return Err(format!("{df} does not offer VIRTIO_F_VERSION_1"));
@@ -239,32 +316,30 @@ fn read_rng(root: &mut PciRoot<Ecam>, f: &pci::Function) -> Result<Vec<u8>, Stri
 
 /// The `rng` check: every modern virtio-rng on bus 0 returns 4 KiB that is not constant.
 pub fn rng_check(rsdp: u64) -> Result<String, String> {
-    let ecam = pci::find_ecam(rsdp)?;
-    let mut root = PciRoot::new(ecam);
-    let functions = pci::scan_bus(&ecam, 0);
     // Transitional devices (1005) are driven through their modern interface when they have
     // one (QEMU's default on a PCIe root bus); legacy-only ones are skipped.
     let mut legacy = 0;
-    let mut rngs: Vec<&pci::Function> = Vec::new();
-    for f in functions.iter().filter(|f| f.vendor == VIRTIO_VENDOR_ID) {
-        match f.device {
-            RNG_MODERN => rngs.push(f),
-            RNG_LEGACY if has_modern_interface(&root, f) => rngs.push(f),
-            RNG_LEGACY => legacy += 1,
-            _ => {}
+    let mut found = find(rsdp, |root, f| match f.device {
+        RNG_MODERN => true,
+        RNG_LEGACY if has_modern_interface(root, f) => true,
+        RNG_LEGACY => {
+            legacy += 1;
+            false
         }
-    }
-    if rngs.is_empty() {
+        _ => false,
+    })?;
+    if found.functions.is_empty() {
         return Err(format!(
             "no virtio 1.x rng ({VIRTIO_VENDOR_ID:04x}:{RNG_MODERN:04x}) on bus 0 \
              ({} functions, {legacy} legacy-only {VIRTIO_VENDOR_ID:04x}:{RNG_LEGACY:04x} skipped)",
-            functions.len()
+            found.scanned
         ));
     }
     let mut min_distinct = usize::MAX;
     let mut per_device = Vec::new();
-    for f in &rngs {
-        let bytes = read_rng(&mut root, f)?;
+    for i in 0..found.functions.len() {
+        let bytes = read_rng(&mut found, i)?;
+        let f = &found.functions[i];
         let mut seen = [false; 256];
         for &b in &bytes {
             seen[b as usize] = true;
@@ -287,7 +362,7 @@ pub fn rng_check(rsdp: u64) -> Result<String, String> {
         per_device.push(format!("{}", f.df));
     }
     let mut out = format!("bytes={RNG_BYTES} distinct={min_distinct}");
-    if rngs.len() > 1 {
+    if found.functions.len() > 1 {
         out.push_str(&format!(" devices={}", per_device.join(",")));
     }
     if legacy > 0 {

@@ -6,17 +6,15 @@
 //!
 //! Everything polls in ring 0 and stays small.
 
-use crate::pci::{self, Ecam};
-use crate::virtio::ProbeHal;
-use crate::{paging, time};
+use crate::time;
+use crate::virtio::{self, ProbeHal};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use virtio_drivers::device::socket::{
     VMADDR_CID_HOST, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType,
 };
-use virtio_drivers::transport::pci::bus::PciRoot;
-use virtio_drivers::transport::pci::{PciTransport, VIRTIO_VENDOR_ID};
+use virtio_drivers::transport::pci::PciTransport;
 
 /// Modern (virtio 1.x) virtio-vsock PCI device id (0x1040 + 19).
 const VSOCK_MODERN: u16 = 0x1053;
@@ -28,28 +26,6 @@ const LISTEN_PORT: u32 = 5000;
 const LISTEN_TIMEOUT_US: u64 = 30_000_000;
 
 type Manager = VsockConnectionManager<ProbeHal, PciTransport>;
-
-/// Checks that every memory BAR is assigned and reachable through the probe's page tables.
-fn check_bars(root: &mut PciRoot<Ecam>, f: &pci::Function) -> Result<(), String> {
-    let df = f.df;
-    for b in pci::bars(root, f)? {
-        if b.address() == 0 {
-            return Err(format!("{df} bar{} unassigned", b.index));
-        }
-        if b.kind() != "io" {
-            let end = b.address() + b.size();
-            let window_ok = b.address() >> 21 == (end - 1) >> 21 && end <= 512 << 30;
-            if end > paging::MAPPED_LIMIT && !window_ok {
-                return Err(format!(
-                    "{df} bar{} at {:#x} is beyond the probe's identity map",
-                    b.index,
-                    b.address()
-                ));
-            }
-        }
-    }
-    Ok(())
-}
 
 /// Polls until `want` accepts an event, the connection is reset, or `deadline` passes.
 fn wait_event(
@@ -117,24 +93,7 @@ fn with_device(
     rsdp: u64,
     f: impl FnOnce(&mut Manager) -> Result<String, String>,
 ) -> Result<String, String> {
-    let ecam = pci::find_ecam(rsdp)?;
-    let mut root = PciRoot::new(ecam);
-    let functions = pci::scan_bus(&ecam, 0);
-    let func = functions
-        .iter()
-        .find(|f| f.vendor == VIRTIO_VENDOR_ID && f.device == VSOCK_MODERN)
-        .ok_or_else(|| {
-            format!(
-                "no virtio 1.x vsock ({VIRTIO_VENDOR_ID:04x}:{VSOCK_MODERN:04x}) on bus 0 \
-                 ({} functions)",
-                functions.len()
-            )
-        })?;
-    let df = func.df;
-    check_bars(&mut root, func)?;
-    pci::enable(&mut root, df);
-    let transport = PciTransport::new::<ProbeHal, _>(&mut root, df)
-        .map_err(|e| format!("{df} transport: {e}"))?;
+    let (df, transport) = virtio::open_first(rsdp, VSOCK_MODERN, "vsock")?;
     let socket =
         VirtIOSocket::<ProbeHal, _>::new(transport).map_err(|e| format!("{df} device: {e}"))?;
     let mut mgr = VsockConnectionManager::new(socket);

@@ -5,6 +5,8 @@
 //!   activation ([`ActivatedQueue`]).
 //! - [`interrupt`]: how a device tells the driver something ([`DeviceInterrupt`]), the interrupt
 //!   sink the PCI side implements ([`VirtioInterrupt`]) and the ISR register ([`IsrStatus`]).
+//! - [`chain`]: descriptor chains walked and checked ([`chain::collect_chain`]), and why a queue
+//!   broke ([`chain::ChainError`]).
 //! - [`worker`]: the thread a device runs its queue work on, woken by the queue eventfds.
 //! - [`pci_transport`]: the virtio-pci BAR (common config, ISR, notify, device config) and the
 //!   vendor capabilities that describe it ([`VirtioPciTransport`]).
@@ -18,6 +20,7 @@
 //! never panics; a broken queue sets `DEVICE_NEEDS_RESET` and is logged once.
 
 pub mod block;
+pub mod chain;
 pub mod console;
 pub mod device;
 pub mod interrupt;

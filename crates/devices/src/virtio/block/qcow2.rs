@@ -12,9 +12,8 @@
 //! request is using) takes the write lock. FLUSH writes `imago`'s cached metadata and then
 //! `fdatasync`s the image.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -25,7 +24,7 @@ use imago::raw::Raw;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
 
 use super::backend::DiskBackend;
-use super::raw::DiskError;
+use super::raw::{DiskError, open_locked};
 use super::request::SECTOR_SIZE;
 
 /// The qcow2 magic, `QFI\xfb`.
@@ -194,53 +193,6 @@ pub fn check_header(first: &[u8], file_len: u64) -> Result<HeaderInfo, Result<St
         cluster_bits,
         backing,
     })
-}
-
-/// Opens and locks `path` (exclusively when writable, shared when read-only), as raw images are.
-fn open_locked(path: &Path, readonly: bool) -> Result<File, DiskError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!readonly)
-        .open(path)
-        .map_err(|source| DiskError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-    let ft = file
-        .metadata()
-        .map_err(|source| DiskError::Open {
-            path: path.to_owned(),
-            source,
-        })?
-        .file_type();
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if !ft.is_file() && !ft.is_block_device() {
-            return Err(DiskError::NotAFile {
-                path: path.to_owned(),
-            });
-        }
-    }
-    let op = if readonly {
-        libc::LOCK_SH
-    } else {
-        libc::LOCK_EX
-    };
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            DiskError::Locked {
-                path: path.to_owned(),
-            }
-        } else {
-            DiskError::Lock {
-                path: path.to_owned(),
-                source: e,
-            }
-        });
-    }
-    Ok(file)
 }
 
 fn storage(file: File, path: &Path, writable: bool) -> io::Result<ImagoFile> {

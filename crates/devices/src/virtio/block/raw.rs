@@ -28,6 +28,50 @@ pub enum DiskError {
     Empty { path: PathBuf },
 }
 
+/// Opens `path` (read-write unless `readonly`), checks it is a regular file or block device, and
+/// locks it with `flock(LOCK_NB)`: exclusive when writable, shared when read-only. Used for raw
+/// images and for qcow2 images (and their backing files) alike.
+pub(super) fn open_locked(path: &Path, readonly: bool) -> Result<File, DiskError> {
+    let open_err = |source| DiskError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .open(path)
+        .map_err(open_err)?;
+    let ft = file.metadata().map_err(open_err)?.file_type();
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(DiskError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+    }
+    let op = if readonly {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            DiskError::Locked {
+                path: path.to_owned(),
+            }
+        } else {
+            DiskError::Lock {
+                path: path.to_owned(),
+                source: e,
+            }
+        });
+    }
+    Ok(file)
+}
+
 /// A raw image file.
 #[derive(Debug)]
 pub struct RawFile {
@@ -38,43 +82,11 @@ pub struct RawFile {
 impl RawFile {
     /// Opens and locks `path`; its size (rounded down to whole sectors) is the disk's.
     pub fn open(path: &Path, readonly: bool) -> Result<Self, DiskError> {
+        let mut file = open_locked(path, readonly)?;
         let open_err = |source| DiskError::Open {
             path: path.to_owned(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(open_err)?;
-        let ft = file.metadata().map_err(open_err)?.file_type();
-        {
-            use std::os::unix::fs::FileTypeExt;
-            if !ft.is_file() && !ft.is_block_device() {
-                return Err(DiskError::NotAFile {
-                    path: path.to_owned(),
-                });
-            }
-        }
-        let op = if readonly {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                DiskError::Locked {
-                    path: path.to_owned(),
-                }
-            } else {
-                DiskError::Lock {
-                    path: path.to_owned(),
-                    source: e,
-                }
-            });
-        }
         // Seeking to the end also sizes block devices (whose metadata length is 0).
         let len = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         let size = len - len % SECTOR_SIZE;

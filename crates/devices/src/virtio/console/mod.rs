@@ -7,7 +7,6 @@
 //! takes nothing and the producer waits, so input is held back rather than queued without bound.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +17,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::ChainError;
 use super::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use super::interrupt::DeviceInterrupt;
 use super::worker::{Next, QueueWorker};
@@ -205,50 +205,6 @@ impl VirtioDevice for Console {
     }
 }
 
-/// Why a queue is unusable until the driver resets the device.
-#[derive(Debug)]
-enum QueueError {
-    Ring(virtio_queue::Error),
-    /// The avail index moved more than a queue's worth past what we consumed.
-    AvailIndex {
-        avail: u16,
-        next: u16,
-    },
-    /// A chain that is empty, loops, or runs off its table.
-    BadChain {
-        head: u16,
-    },
-    /// A buffer outside guest memory.
-    BadBuffer {
-        addr: u64,
-        len: u32,
-    },
-}
-
-impl fmt::Display for QueueError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Ring(e) => write!(f, "ring access: {e}"),
-            Self::AvailIndex { avail, next } => {
-                write!(f, "avail index {avail} is too far from {next}")
-            }
-            Self::BadChain { head } => write!(
-                f,
-                "descriptor chain at {head} is empty, loops or is truncated"
-            ),
-            Self::BadBuffer { addr, len } => {
-                write!(f, "buffer {addr:#x}+{len:#x} is outside guest memory")
-            }
-        }
-    }
-}
-
-impl From<virtio_queue::Error> for QueueError {
-    fn from(e: virtio_queue::Error) -> Self {
-        Self::Ring(e)
-    }
-}
-
 /// How much of a queue one call served.
 #[derive(Debug, PartialEq, Eq)]
 enum Served {
@@ -269,12 +225,12 @@ struct Server {
 }
 
 /// Turns notifications off and checks the avail index is plausible.
-fn begin(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+fn begin(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), ChainError> {
     queue.disable_notification(mem)?;
     let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
     let next = queue.next_avail();
     if avail.wrapping_sub(next) > queue.size() {
-        return Err(QueueError::AvailIndex { avail, next });
+        return Err(ChainError::AvailIndex { avail, next });
     }
     Ok(())
 }
@@ -284,11 +240,11 @@ fn check(
     addr: GuestAddress,
     len: u32,
     perm: Permissions,
-) -> Result<(), QueueError> {
+) -> Result<(), ChainError> {
     if GuestMemory::check_range(mem, addr, len as usize, perm) {
         Ok(())
     } else {
-        Err(QueueError::BadBuffer { addr: addr.0, len })
+        Err(ChainError::BadBuffer { addr: addr.0, len })
     }
 }
 
@@ -298,7 +254,7 @@ impl Server {
         &mut self,
         mem: &GuestMemoryMmap,
         interrupt: &DeviceInterrupt,
-    ) -> Result<Served, QueueError> {
+    ) -> Result<Served, ChainError> {
         let mut used_any = false;
         let mut budget = usize::from(self.tx.size());
         let mut out = self.output.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,7 +276,7 @@ impl Server {
                         continue;
                     }
                     check(mem, desc.addr(), desc.len(), Permissions::Read)?;
-                    let bad = || QueueError::BadBuffer {
+                    let bad = || ChainError::BadBuffer {
                         addr: desc.addr().0,
                         len: desc.len(),
                     };
@@ -342,7 +298,7 @@ impl Server {
                 // The iterator stops silently on a loop, a bad index, an unreadable descriptor
                 // or a bad indirect table; a well-formed chain ends on a descriptor without NEXT.
                 if count == 0 || !ends {
-                    return Err(QueueError::BadChain { head });
+                    return Err(ChainError::BadChain { head });
                 }
                 self.tx.add_used(mem, head, 0)?;
                 used_any = true;
@@ -375,7 +331,7 @@ impl Server {
         &mut self,
         mem: &GuestMemoryMmap,
         interrupt: &DeviceInterrupt,
-    ) -> Result<Served, QueueError> {
+    ) -> Result<Served, ChainError> {
         let mut used_any = false;
         let mut budget = usize::from(self.rx.size());
         let served = loop {
@@ -402,7 +358,7 @@ impl Server {
                     }
                     let bytes: Vec<u8> = pending.range(..n).copied().collect();
                     mem.write_slice(&bytes, desc.addr())
-                        .map_err(|_| QueueError::BadBuffer {
+                        .map_err(|_| ChainError::BadBuffer {
                             addr: desc.addr().0,
                             len: desc.len(),
                         })?;
@@ -411,7 +367,7 @@ impl Server {
                 }
                 drop(pending);
                 if count == 0 || !ends {
-                    return Err(QueueError::BadChain { head });
+                    return Err(ChainError::BadChain { head });
                 }
                 self.rx.add_used(mem, head, written)?;
                 used_any = true;

@@ -23,9 +23,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, VNET_HDR_LEN, offload};
+use crate::virtio::chain::{ChainError, Desc, collect_chain};
 use crate::virtio::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use crate::virtio::interrupt::DeviceInterrupt;
-use crate::virtio::vsock::packet::{ChainError, Desc, collect_chain};
 use crate::virtio::{GuestMemoryHandle, features};
 
 /// Device feature bits (virtio 1.2 §5.1.3).

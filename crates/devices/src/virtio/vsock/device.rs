@@ -17,7 +17,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
-use super::packet::{self, ChainError, HDR_LEN, MAX_PKT_DATA};
+use super::packet::{self, HDR_LEN, MAX_PKT_DATA};
+use crate::virtio::chain::{ChainError, collect_chain};
 use crate::virtio::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use crate::virtio::interrupt::DeviceInterrupt;
 use crate::virtio::{GuestMemoryHandle, features};
@@ -266,7 +267,7 @@ impl Thread {
                     break;
                 };
                 let head = chain.head_index();
-                let descs = packet::collect_chain(chain, mem)?;
+                let descs = collect_chain(chain, mem)?;
                 match packet::read_tx(mem, &descs)? {
                     Ok((hdr, data)) => self.muxer.handle_tx(&hdr, &data),
                     Err((hdr, why)) => self.muxer.handle_bad_tx(hdr, &why),
@@ -296,7 +297,7 @@ impl Thread {
                 break;
             };
             let head = chain.head_index();
-            let descs = packet::collect_chain(chain, mem)?;
+            let descs = collect_chain(chain, mem)?;
             let cap = packet::rx_capacity(&descs);
             if cap < HDR_LEN as u64 {
                 // Useless buffer: give it back empty.

@@ -7,7 +7,9 @@
 
 use std::fmt;
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
+
+use crate::virtio::chain::{ChainError, Desc};
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;
@@ -88,58 +90,6 @@ impl Header {
     }
 }
 
-/// One descriptor of a chain, as the device sees it.
-#[derive(Clone, Copy, Debug)]
-pub struct Desc {
-    pub addr: GuestAddress,
-    pub len: u32,
-    pub write_only: bool,
-}
-
-/// The queue is unusable until the driver resets the device.
-#[derive(Debug)]
-pub enum ChainError {
-    Ring(virtio_queue::Error),
-    /// The avail index moved more than a queue's worth past what we consumed.
-    AvailIndex {
-        avail: u16,
-        next: u16,
-    },
-    /// A chain that is empty, loops, or runs off its table.
-    BadChain {
-        head: u16,
-    },
-    /// A buffer outside guest memory.
-    BadBuffer {
-        addr: u64,
-        len: u32,
-    },
-}
-
-impl fmt::Display for ChainError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Ring(e) => write!(f, "ring access: {e}"),
-            Self::AvailIndex { avail, next } => {
-                write!(f, "avail index {avail} is too far from {next}")
-            }
-            Self::BadChain { head } => write!(
-                f,
-                "descriptor chain at {head} is empty, loops or is truncated"
-            ),
-            Self::BadBuffer { addr, len } => {
-                write!(f, "buffer {addr:#x}+{len:#x} is outside guest memory")
-            }
-        }
-    }
-}
-
-impl From<virtio_queue::Error> for ChainError {
-    fn from(e: virtio_queue::Error) -> Self {
-        Self::Ring(e)
-    }
-}
-
 /// A packet the guest sent that cannot be used (it is dropped; the caller may answer RST).
 #[derive(Debug, PartialEq, Eq)]
 pub enum PacketError {
@@ -164,44 +114,6 @@ impl fmt::Display for PacketError {
             }
         }
     }
-}
-
-/// Collects a chain's descriptors, checking each lies in guest memory (for `perm` when it is
-/// device-writable). A chain that stops before a descriptor without NEXT is broken.
-pub fn collect_chain<M>(
-    chain: virtio_queue::DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
-) -> Result<Vec<Desc>, ChainError>
-where
-    M: std::ops::Deref,
-    M::Target: GuestMemory,
-{
-    let head = chain.head_index();
-    let mut out = Vec::new();
-    let mut ends = false;
-    for d in chain {
-        ends = !d.has_next();
-        let perm = if d.is_write_only() {
-            Permissions::Write
-        } else {
-            Permissions::Read
-        };
-        if !GuestMemory::check_range(mem, d.addr(), d.len() as usize, perm) {
-            return Err(ChainError::BadBuffer {
-                addr: d.addr().0,
-                len: d.len(),
-            });
-        }
-        out.push(Desc {
-            addr: d.addr(),
-            len: d.len(),
-            write_only: d.is_write_only(),
-        });
-    }
-    if out.is_empty() || !ends {
-        return Err(ChainError::BadChain { head });
-    }
-    Ok(out)
 }
 
 /// Copies `out.len()` bytes starting `skip` bytes into the chain's readable descriptors.
@@ -312,6 +224,8 @@ pub fn write_rx(
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::GuestAddress;
+
     use super::*;
 
     #[test]
