@@ -11,7 +11,7 @@ use vm_memory::{
 
 use super::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use super::interrupt::DeviceInterrupt;
-use super::worker::{Next, QueueWorker};
+use super::worker::{QueueWorker, Served, after_serving};
 use super::{GuestMemoryHandle, features};
 
 const QUEUE_SIZES: [u16; 1] = [256];
@@ -65,22 +65,7 @@ impl VirtioDevice for Rng {
         let rekick = event.try_clone().map_err(ActivateError::Thread)?;
         let worker = QueueWorker::spawn("virtio-rng".into(), vec![(index, event)], move |_| {
             let guard = mem.memory();
-            match serve(&mut queue, &guard, &interrupt) {
-                Ok(Served::All) => Next::Continue,
-                // Back to epoll between batches so a reset (the kill eventfd) is never kept
-                // waiting by a driver that keeps the queue full.
-                Ok(Served::Batch) => match rekick.write(1) {
-                    Ok(()) => Next::Continue,
-                    Err(e) => {
-                        interrupt.set_needs_reset(&format!("re-arming the queue: {e}"));
-                        Next::Stop
-                    }
-                },
-                Err(e) => {
-                    interrupt.set_needs_reset(&e);
-                    Next::Stop
-                }
-            }
+            after_serving(serve(&mut queue, &guard, &interrupt), &rekick, &interrupt)
         })
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
@@ -140,15 +125,6 @@ impl From<virtio_queue::Error> for QueueError {
     fn from(e: virtio_queue::Error) -> Self {
         Self::Ring(e)
     }
-}
-
-/// How much of the queue one call served.
-#[derive(Debug, PartialEq, Eq)]
-enum Served {
-    /// Everything available; notifications are on again.
-    All,
-    /// A queue's worth of chains; more may be waiting and notifications are still off.
-    Batch,
 }
 
 /// Serves available chains (at most a queue's worth), re-enables notifications when the queue is

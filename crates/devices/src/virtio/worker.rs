@@ -9,6 +9,39 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+/// How much of a queue one serving call got through.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Everything available; notifications are on again.
+    All,
+    /// A queue's worth of chains; more may be waiting and notifications are still off.
+    Batch,
+}
+
+/// The worker's next step after serving a queue. After a batch the queue's own eventfd `kick`
+/// is signalled so the thread goes back to epoll first — where a reset's kill event may be
+/// waiting — before it serves the rest; an error marks the device broken and stops the thread.
+pub fn after_serving<E: std::fmt::Display>(
+    served: Result<Served, E>,
+    kick: &EventFd,
+    interrupt: &super::DeviceInterrupt,
+) -> Next {
+    match served {
+        Ok(Served::All) => Next::Continue,
+        Ok(Served::Batch) => match kick.write(1) {
+            Ok(()) => Next::Continue,
+            Err(e) => {
+                interrupt.set_needs_reset(&format!("re-arming the queue: {e}"));
+                Next::Stop
+            }
+        },
+        Err(e) => {
+            interrupt.set_needs_reset(&e);
+            Next::Stop
+        }
+    }
+}
+
 /// What the handler wants after serving a notification.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {

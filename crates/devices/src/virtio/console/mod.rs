@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::ChainError;
 use super::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use super::interrupt::DeviceInterrupt;
-use super::worker::{Next, QueueWorker};
+use super::worker::{QueueWorker, Served, after_serving};
 use super::{GuestMemoryHandle, features};
 
 #[cfg(test)]
@@ -176,22 +176,7 @@ impl VirtioDevice for Console {
             } else {
                 (state.receive(&guard, &interrupt), &input_kick)
             };
-            match served {
-                Ok(Served::All) => Next::Continue,
-                // Back to epoll between batches so a reset is never kept waiting by a driver
-                // that keeps the queue full.
-                Ok(Served::Batch) => match kick.write(1) {
-                    Ok(()) => Next::Continue,
-                    Err(e) => {
-                        interrupt.set_needs_reset(&format!("re-arming the queue: {e}"));
-                        Next::Stop
-                    }
-                },
-                Err(e) => {
-                    interrupt.set_needs_reset(&e);
-                    Next::Stop
-                }
-            }
+            after_serving(served, kick, &interrupt)
         })
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
@@ -203,15 +188,6 @@ impl VirtioDevice for Console {
             worker.stop();
         }
     }
-}
-
-/// How much of a queue one call served.
-#[derive(Debug, PartialEq, Eq)]
-enum Served {
-    /// Everything there was to do; notifications are on again.
-    All,
-    /// A queue's worth of chains; more may be waiting.
-    Batch,
 }
 
 /// The device thread's state.
