@@ -4,32 +4,11 @@ mod common;
 
 use common::*;
 use std::process::Command;
-use std::time::Duration;
-
-fn assert_usage_error(f: &Finished, needle: &str) {
-    assert_eq!(f.code(), 2, "{}", f.describe());
-    let lines: Vec<&str> = f.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "exactly one line\n{}", f.describe());
-    assert!(
-        lines[0].starts_with("hyperpool: error: "),
-        "{}",
-        f.describe()
-    );
-    assert!(
-        lines[0].contains(needle),
-        "expected '{needle}'\n{}",
-        f.describe()
-    );
-    assert!(!f.stderr.contains("panicked") && !f.stderr.contains("RUST_BACKTRACE"));
-}
 
 fn fails(args: &[&str], needle: &str) {
     let mut full = vec!["run"];
     full.extend_from_slice(args);
-    // Logging off: only the error line may reach stderr.
-    let child = command(&full).env("HYPERPOOL_LOG", "off").spawn().unwrap();
-    let f = wait_with_limit(child, Duration::from_secs(30));
-    assert_usage_error(&f, needle);
+    assert_refused(&run_quiet(&full), needle);
 }
 
 #[test]
@@ -117,7 +96,7 @@ fn kvm_missing_or_not_accessible() {
         .output()
         .unwrap();
     let f = Finished::from(out);
-    assert_usage_error(&f, "/dev/kvm does not exist");
+    assert_refused(&f, "/dev/kvm does not exist");
 
     // An unprivileged user cannot open the root-only /dev/kvm.
     let out = Command::new("setpriv")
@@ -131,7 +110,7 @@ fn kvm_missing_or_not_accessible() {
     let mode = std::fs::metadata("/dev/kvm")
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
     if mode.is_ok_and(|m| m & 0o006 == 0) {
-        assert_usage_error(&f, "not readable and writable by this user");
+        assert_refused(&f, "not readable and writable by this user");
     }
 }
 

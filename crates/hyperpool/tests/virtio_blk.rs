@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::time::Duration;
 
 const IMAGE_SIZE: u64 = 16 << 20;
 
@@ -90,21 +89,7 @@ fn fails(disks: &[String], needle: &str) {
     for d in disks {
         args.extend(["--disk", d.as_str()]);
     }
-    let child = command(&args).env("HYPERPOOL_LOG", "off").spawn().unwrap();
-    let f = wait_with_limit(child, Duration::from_secs(30));
-    assert_eq!(f.code(), 2, "{}", f.describe());
-    let lines: Vec<&str> = f.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "exactly one line\n{}", f.describe());
-    assert!(
-        lines[0].contains(needle),
-        "expected '{needle}'\n{}",
-        f.describe()
-    );
-    assert!(
-        !f.stdout.contains("PROBE"),
-        "the guest must not start\n{}",
-        f.describe()
-    );
+    assert_refused(&run_quiet(&args), needle);
 }
 
 #[test]

@@ -126,6 +126,39 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Finished {
     }
 }
 
+/// Runs `hyperpool ARGS` with logging off, so only an error line can reach stderr.
+pub fn run_quiet(args: &[&str]) -> Finished {
+    let child = command(args)
+        .env("HYPERPOOL_LOG", "off")
+        .spawn()
+        .expect("spawn hyperpool");
+    wait_with_limit(child, Duration::from_secs(30))
+}
+
+/// Bad input was refused as promised: exit 2, one line `hyperpool: error: ...` naming the
+/// problem (`needle`), no panic, and no guest ever ran.
+pub fn assert_refused(f: &Finished, needle: &str) {
+    assert_eq!(f.code(), 2, "{}", f.describe());
+    let lines: Vec<&str> = f.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one line\n{}", f.describe());
+    assert!(
+        lines[0].starts_with("hyperpool: error: "),
+        "{}",
+        f.describe()
+    );
+    assert!(
+        lines[0].contains(needle),
+        "expected '{needle}'\n{}",
+        f.describe()
+    );
+    assert!(!f.stderr.contains("panicked") && !f.stderr.contains("RUST_BACKTRACE"));
+    assert!(
+        !f.stdout.contains("PROBE"),
+        "the guest must not start\n{}",
+        f.describe()
+    );
+}
+
 /// Spawns `hyperpool ARGS` and hands back its stdout lines as they come.
 pub fn spawn_lines(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
     let mut child = command(args).spawn().expect("spawn hyperpool");
