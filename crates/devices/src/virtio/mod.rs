@@ -69,6 +69,9 @@ pub mod features {
     pub const RING_EVENT_IDX: u64 = 1 << r::VIRTIO_RING_F_EVENT_IDX;
     /// Indirect descriptor tables.
     pub const RING_INDIRECT_DESC: u64 = 1 << r::VIRTIO_RING_F_INDIRECT_DESC;
+    /// What every device here offers: the virtio 1.x transport and the ring features our
+    /// queue handling supports. Devices add their own bits to it.
+    pub const BASE: u64 = VERSION_1 | RING_EVENT_IDX | RING_INDIRECT_DESC;
 }
 
 /// "No MSI-X vector" in `config_msix_vector` / `queue_msix_vector`.

@@ -42,7 +42,7 @@ impl VirtioDevice for Rng {
     }
 
     fn features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+        features::BASE
     }
 
     fn activate(

@@ -133,9 +133,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = features::VERSION_1
-            | features::RING_EVENT_IDX
-            | features::RING_INDIRECT_DESC
+        let mut f = features::BASE
             | feature::SIZE_MAX
             | feature::SEG_MAX
             | feature::BLK_SIZE

@@ -113,7 +113,7 @@ impl VirtioDevice for Console {
     }
 
     fn features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+        features::BASE
     }
 
     fn config_size(&self) -> usize {

@@ -136,9 +136,7 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        features::VERSION_1
-            | features::RING_EVENT_IDX
-            | features::RING_INDIRECT_DESC
+        features::BASE
             | feature::MAC
             | feature::STATUS
             | feature::CSUM
