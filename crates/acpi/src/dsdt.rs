@@ -10,6 +10,7 @@
 //!     Device (CPUS) { _HID ACPI0010                     // processor container
 //!         Device (Cnnn) { _HID ACPI0007, _UID apic_id, _STA 0xF } // per vCPU
 //!     }
+//!     Device (GED_) { ... }, Device (PWRB) { ... }      if ged: see ged.rs
 //!     Device (PCI0) { ... }, Device (MBRD) { ... }      if pci: see pci.rs
 //! }
 //! ```
@@ -140,6 +141,10 @@ fn body(cfg: &AcpiConfig) -> Vec<u8> {
         devices.push(rtc_device(base, irq));
     }
     devices.push(cpus_container(cfg.cpus));
+    if let Some((mmio, irq)) = cfg.ged {
+        devices.push(crate::ged::ged_device(mmio, irq));
+        devices.push(crate::ged::power_button_device());
+    }
     if let Some(pci) = &cfg.pci {
         devices.push(crate::pci::root_bridge(pci));
         devices.push(crate::pci::motherboard_resources(pci));

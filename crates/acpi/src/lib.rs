@@ -12,9 +12,11 @@ mod bytes;
 mod dsdt;
 mod error;
 mod fadt;
+mod ged;
 mod layout;
 mod madt;
 mod mcfg;
+
 mod pci;
 mod root;
 
@@ -23,6 +25,7 @@ use std::path::Path;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 pub use error::AcpiError;
+pub use ged::POWER_BUTTON_EVENT;
 use layout::Placer;
 
 /// OEM id written in every table header and the RSDP.
@@ -71,6 +74,8 @@ pub struct AcpiConfig {
     pub rtc: Option<(u16, u8)>,
     /// The PCIe root bridge: an MCFG table and `PCI0` in the DSDT.
     pub pci: Option<PciConfig>,
+    /// The power button's Generic Event Device as (MMIO address of its event register, GSI).
+    pub ged: Option<(u32, u32)>,
 }
 
 /// The PCIe root complex as ACPI describes it: segment 0, buses `0..=bus_end`.
@@ -133,6 +138,7 @@ impl Default for AcpiConfig {
             i8042: true,
             rtc: Some((0x70, 8)),
             pci: Some(PciConfig::default()),
+            ged: Some((0xfeb0_0000, 5)),
         }
     }
 }

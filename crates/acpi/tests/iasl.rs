@@ -160,3 +160,26 @@ fn flags_a_corrupt_table() {
     std::fs::write(&path, dsdt).unwrap();
     assert!(disassemble(dir.path(), "DSDT").is_err());
 }
+
+#[test]
+fn power_button_event_device_disassembles() {
+    if !have_iasl() {
+        return;
+    }
+    let all = disassemble_all(&cfg(1));
+    let dsdt = dsl(&all, "DSDT");
+    for needle in [
+        "\"ACPI0013\"",
+        "EisaId (\"PNP0C0C\")",
+        "SystemMemory, 0xFEB00000, 0x04",
+        "Method (_EVT, 1, Serialized)",
+        "Notify (\\_SB.PWRB, 0x80)",
+    ] {
+        assert!(dsdt.contains(needle), "missing {needle}:\n{dsdt}");
+    }
+    let without = disassemble_all(&AcpiConfig {
+        ged: None,
+        ..cfg(1)
+    });
+    assert!(!dsl(&without, "DSDT").contains("ACPI0013"));
+}

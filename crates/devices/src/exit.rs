@@ -14,6 +14,8 @@ pub enum ExitRequest {
     DebugExit(u8),
     /// The host asked us to stop (SIGTERM, SIGINT).
     Signal(i32),
+    /// The VMM's API stopped (or is rebooting) the VM.
+    Stop,
     /// Something the guest did is fatal (triple fault, KVM internal error); the text says what.
     GuestFatal(String),
     /// The VMM itself failed while running the guest.

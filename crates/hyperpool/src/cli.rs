@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one VM in the foreground; without --kernel, the built-in probe guest.
     Run(Box<RunArgs>),
+    /// Run one VM process driven over Cloud Hypervisor's REST API on a Unix socket.
+    Vmm(VmmArgs),
     /// Build guest images.
     #[command(subcommand)]
     Guest(GuestCommand),
@@ -71,6 +73,13 @@ pub struct RunArgs {
     /// the TAP is created if it does not exist and we may).
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
+}
+
+#[derive(Args)]
+pub struct VmmArgs {
+    /// The Unix socket to serve the API on (PATH or path=PATH); created with mode 0600.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

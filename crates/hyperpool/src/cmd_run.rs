@@ -45,6 +45,7 @@ pub fn run(args: RunArgs, start: Instant) -> Result<u8, Failure> {
                 }
                 Outcome::Poweroff => tracing::info!("guest powered off"),
                 Outcome::Reset => tracing::info!("guest reset"),
+                Outcome::Stopped => tracing::info!("stopped"),
             }
             Ok(outcome.exit_code() as u8)
         }

@@ -3,6 +3,7 @@
 mod cli;
 mod cmd_guest;
 mod cmd_run;
+mod cmd_vmm;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         cli::Command::Run(args) => cmd_run::run(*args, start),
+        cli::Command::Vmm(args) => cmd_vmm::run(args, start),
         cli::Command::Guest(args) => cmd_guest::run(args),
     };
     match result {

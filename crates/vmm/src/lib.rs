@@ -5,13 +5,18 @@
 
 pub mod arch;
 pub mod config;
+mod console_socket;
+pub mod control;
+mod counters;
 mod disk;
 pub mod error;
 pub mod host;
 pub mod machine;
 mod net;
+mod pause;
 pub mod pci;
 pub mod run;
+pub mod running;
 pub mod serial_io;
 pub mod vcpu;
 

@@ -2,21 +2,20 @@
 //! restart on reboot when asked, and say why it ended.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex, Once};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use hyperpool_devices::legacy::DebugExit;
 use hyperpool_devices::{ExitRequest, ExitSignal};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::arch::boot;
 use crate::arch::layout::MIN_MEMORY;
 use crate::config::{ConsoleConfig, OnReboot, SerialConfig, VmConfig};
 use crate::error::{Error, Result};
 use crate::machine::{self, BootImages, Machine};
-use crate::{host, serial_io, vcpu};
+use crate::running::RunningVm;
+use crate::{host, serial_io};
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +24,8 @@ pub enum Outcome {
     Reset,
     DebugExit(u8),
     Signal(i32),
+    /// Stopped through the API (`vm.shutdown`, `vmm.shutdown`).
+    Stopped,
     GuestFatal(String),
 }
 
@@ -32,7 +33,7 @@ impl Outcome {
     /// The VMM process's exit status.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::Poweroff | Outcome::Reset | Outcome::Signal(_) => 0,
+            Outcome::Poweroff | Outcome::Reset | Outcome::Signal(_) | Outcome::Stopped => 0,
             Outcome::DebugExit(v) => DebugExit::exit_code(*v),
             Outcome::GuestFatal(_) => GUEST_FATAL_EXIT_CODE,
         }
@@ -83,7 +84,7 @@ pub fn validate(cfg: &VmConfig, max_vcpus: u32, host_memory: Option<u64>) -> Res
 
 /// Reads the kernel (or takes the built-in probe) and the initramfs, and picks the protocol.
 /// Done again for each boot so a running VM does not keep a copy of its kernel in memory.
-fn load_images(cfg: &VmConfig) -> Result<BootImages<'static>> {
+pub(crate) fn load_images(cfg: &VmConfig) -> Result<BootImages<'static>> {
     let limit = cfg.memory.size;
     let (kernel, kernel_name): (Cow<'static, [u8]>, String) = match &cfg.kernel {
         Some(path) => (
@@ -167,8 +168,8 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
         );
     }
 
-    install_vcpu_kick_handler()?;
     let signals = SignalForwarder::start()?;
+    let io = serial_io::HostIo::new(&cfg.serial)?;
     let input = InputSlot::default();
     // Raw mode and the stdin pump serve whichever console reads stdin (see `serial_io`).
     let _raw = if cfg.serial == SerialConfig::Tty || cfg.console == ConsoleConfig::Tty {
@@ -184,7 +185,7 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
             Some(loaded) => loaded,
             None => load_images(cfg)?,
         };
-        let machine = machine::build(&kvm, cfg, &boot_images, start)?;
+        let machine = machine::build(&kvm, cfg, &boot_images, &io, start)?;
         drop(boot_images);
         let outcome = run_machine(machine, &signals, &input)?;
         match outcome {
@@ -199,84 +200,27 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
     }
 }
 
-fn run_machine(
-    mut machine: Machine,
-    signals: &SignalForwarder,
-    input: &InputSlot,
-) -> Result<Outcome> {
-    let exit = machine.exit.clone();
-    signals.attach(exit.clone());
-    input.attach(machine.input.clone());
-
-    let count = machine.vcpus.len() as u32;
-    let mut threads = Vec::new();
-    for (id, vcpu) in (0..count).zip(machine.vcpus.drain(..)) {
-        match vcpu::spawn(vcpu, id, machine.buses.clone(), exit.clone()) {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                exit.request(ExitRequest::VmmError(e.to_string()));
-                break;
-            }
-        }
-    }
-    let request = exit.wait();
-    stop_vcpus(threads);
+fn run_machine(machine: Machine, signals: &SignalForwarder, input: &InputSlot) -> Result<Outcome> {
+    let vm = RunningVm::start(machine)?;
+    signals.attach(vm.exit().clone());
+    input.attach(vm.input().clone());
+    let request = vm.exit().wait();
+    let request = vm.stop(request);
     input.detach();
+    outcome(request)
+}
 
+/// How an exit request ends this process's run.
+pub fn outcome(request: ExitRequest) -> Result<Outcome> {
     Ok(match request {
         ExitRequest::Poweroff => Outcome::Poweroff,
         ExitRequest::Reset => Outcome::Reset,
         ExitRequest::DebugExit(v) => Outcome::DebugExit(v),
         ExitRequest::Signal(s) => Outcome::Signal(s),
+        ExitRequest::Stop => Outcome::Stopped,
         ExitRequest::GuestFatal(why) => Outcome::GuestFatal(why),
         ExitRequest::VmmError(why) => return Err(Error::Devices(why)),
     })
-}
-
-/// Interrupts every vCPU thread until it has seen the exit request and returned. Repeats the kick
-/// because a signal sent just before a thread re-enters KVM_RUN would otherwise be missed.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
-    let deadline = Instant::now() + STOP_DEADLINE;
-    let mut remaining = threads;
-    while !remaining.is_empty() {
-        if Instant::now() > deadline {
-            // A vCPU stuck in a device (e.g. a blocked console write) must not keep the VMM
-            // alive: the process is about to exit or rebuild, and the thread holds its own
-            // references to what it uses.
-            tracing::error!(
-                "{} vCPU thread(s) did not stop within {STOP_DEADLINE:?}",
-                remaining.len()
-            );
-            return;
-        }
-        for t in &remaining {
-            let _ = t.kill(SIGRTMIN());
-        }
-        std::thread::sleep(Duration::from_micros(50));
-        let (done, running): (Vec<_>, Vec<_>) =
-            remaining.into_iter().partition(|t| t.is_finished());
-        for t in done {
-            if t.join().is_err() {
-                tracing::error!("a vCPU thread panicked");
-            }
-        }
-        remaining = running;
-    }
-}
-
-/// How long vCPU threads get to leave KVM_RUN after a stop.
-const STOP_DEADLINE: Duration = Duration::from_secs(2);
-
-extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn install_vcpu_kick_handler() -> Result<()> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = register_signal_handler(SIGRTMIN(), kick)
-            .map_err(|e| Error::io("installing the vCPU kick signal handler")(e.into()));
-    });
-    result
 }
 
 /// Turns SIGTERM/SIGINT into a stop request for whichever VM is current. A signal that arrives

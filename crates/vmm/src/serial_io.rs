@@ -12,11 +12,35 @@ use hyperpool_devices::legacy::SerialInput;
 use hyperpool_devices::virtio::ConsoleInput;
 
 use crate::config::{ConsoleConfig, SerialConfig};
+use crate::console_socket::SocketConsole;
 use crate::error::{Error, Result};
 
+/// Host-side console endpoints that outlive one boot of the VM: created once per process.
+#[derive(Clone, Default)]
+pub struct HostIo {
+    pub serial_socket: Option<SocketConsole>,
+}
+
+impl HostIo {
+    pub fn new(serial: &SerialConfig) -> Result<Self> {
+        Ok(Self {
+            serial_socket: match serial {
+                SerialConfig::Socket { socket, log } => {
+                    Some(SocketConsole::bind(socket, log.as_deref())?)
+                }
+                _ => None,
+            },
+        })
+    }
+}
+
 /// The writer COM1 transmits into.
-pub fn output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>> {
+pub fn output(cfg: &SerialConfig, io: &HostIo) -> Result<Box<dyn Write + Send>> {
     Ok(match cfg {
+        SerialConfig::Socket { .. } => match &io.serial_socket {
+            Some(socket) => socket.writer(),
+            None => return Err(Error::Devices("the serial socket was not set up".into())),
+        },
         SerialConfig::Tty => Box::new(std::io::stdout()),
         SerialConfig::Off => Box::new(std::io::sink()),
         SerialConfig::File(path) => Box::new(

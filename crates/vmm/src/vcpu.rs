@@ -12,7 +12,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use crate::arch::cpu_template::CpuTemplate;
 use crate::arch::cpuid::{self, CpuidParams};
 use crate::arch::{msr, regs};
+use crate::counters::VcpuCounters;
 use crate::error::{Error, Result};
+use crate::pause::PauseGate;
 
 /// Local APIC register offsets and the delivery modes firmware programs into LINT0/LINT1.
 const APIC_LVT_LINT0: usize = 0x350;
@@ -100,19 +102,32 @@ pub struct Buses {
     pub mmio: Arc<Bus>,
 }
 
-/// Starts the thread that runs `vcpu` until `exit` is set.
+/// What a vCPU thread shares with the rest of the VM.
+#[derive(Clone)]
+pub struct VcpuShared {
+    pub buses: Buses,
+    pub exit: Arc<ExitSignal>,
+    pub gate: Arc<PauseGate>,
+}
+
+/// Starts the thread that runs `vcpu` until `exit` is set, parking while the VM is paused.
 pub fn spawn(
     mut vcpu: VcpuFd,
     id: u32,
-    buses: Buses,
-    exit: Arc<ExitSignal>,
+    shared: VcpuShared,
+    counters: Arc<VcpuCounters>,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            let exit = &shared.exit;
             let _guard = StopVmOnPanic(exit.clone(), id);
             while !exit.is_set() {
-                if let Some(request) = run_once(&mut vcpu, id, &buses) {
+                shared.gate.park_if_paused(exit);
+                if exit.is_set() {
+                    break;
+                }
+                if let Some(request) = run_once(&mut vcpu, id, &shared.buses, &counters) {
                     exit.request(request);
                 }
             }
@@ -135,10 +150,19 @@ impl Drop for StopVmOnPanic {
 }
 
 /// Runs the vCPU until its next exit and handles it; returns a request when the VM must stop.
-fn run_once(vcpu: &mut VcpuFd, id: u32, buses: &Buses) -> Option<ExitRequest> {
+fn run_once(
+    vcpu: &mut VcpuFd,
+    id: u32,
+    buses: &Buses,
+    counters: &VcpuCounters,
+) -> Option<ExitRequest> {
+    let count = VcpuCounters::count;
     let exit = match vcpu.run() {
         Ok(exit) => exit,
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            count(&counters.interrupted);
+            return None;
+        }
         Err(e) => {
             return Some(ExitRequest::VmmError(format!(
                 "vCPU {id}: KVM_RUN failed: {e}"
@@ -148,26 +172,37 @@ fn run_once(vcpu: &mut VcpuFd, id: u32, buses: &Buses) -> Option<ExitRequest> {
     // Guest-fatal exits are described after the match, once `exit` no longer borrows the vCPU.
     let fatal_what = match exit {
         VcpuExit::IoIn(port, data) => {
+            count(&counters.pio);
             if !buses.pio.read(u64::from(port), data) {
                 data.fill(0xff);
             }
             return None;
         }
         VcpuExit::IoOut(port, data) => {
+            count(&counters.pio);
             buses.pio.write(u64::from(port), data);
             return None;
         }
         VcpuExit::MmioRead(addr, data) => {
+            count(&counters.mmio);
             if !buses.mmio.read(addr, data) {
                 data.fill(0xff);
             }
             return None;
         }
         VcpuExit::MmioWrite(addr, data) => {
+            count(&counters.mmio);
             buses.mmio.write(addr, data);
             return None;
         }
-        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => return None,
+        VcpuExit::Hlt => {
+            count(&counters.hlt);
+            return None;
+        }
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => {
+            count(&counters.interrupted);
+            return None;
+        }
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => return Some(ExitRequest::Poweroff),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => return Some(ExitRequest::Reset),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, _) => {
@@ -182,6 +217,7 @@ fn run_once(vcpu: &mut VcpuFd, id: u32, buses: &Buses) -> Option<ExitRequest> {
         VcpuExit::InternalError => None,
         other => Some(format!("unexpected exit {other:?}")),
     };
+    count(&counters.other);
     let what = fatal_what.unwrap_or_else(|| internal_error(vcpu));
     Some(fatal(vcpu, id, &what))
 }

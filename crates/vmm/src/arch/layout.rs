@@ -62,6 +62,10 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
 pub const RTC_IRQ: u8 = 8;
+/// The power button's Generic Event Device: its event register and its (ISA, edge) interrupt.
+/// Between the PCI ECAM and the IOAPIC, outside every PCI window.
+pub const GED_START: u64 = 0xfeb0_0000;
+pub const GED_IRQ: u32 = 5;
 
 // The Linux entry's stack lies between the zero page and the page tables, which end before the
 // command line.

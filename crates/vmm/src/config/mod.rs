@@ -1,10 +1,12 @@
 //! What a VM is made of. The same types serve the command line and (later) the REST API.
 
+mod from_api;
 mod parse;
 mod size;
 
 use std::path::PathBuf;
 
+pub use from_api::from_api;
 pub use parse::{
     parse_console, parse_cpus, parse_disk, parse_memory, parse_net, parse_serial, parse_vsock,
 };
@@ -44,6 +46,12 @@ pub enum SerialConfig {
     #[default]
     Tty,
     File(PathBuf),
+    /// A Unix socket the VMM listens on; one client at a time is the console (it gets the
+    /// output and its bytes are the input). Output is also kept in `log`, size-capped.
+    Socket {
+        socket: PathBuf,
+        log: Option<PathBuf>,
+    },
     Off,
 }
 

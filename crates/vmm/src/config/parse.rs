@@ -85,6 +85,7 @@ pub fn parse_console(text: &str) -> Result<ConsoleConfig, String> {
         SerialConfig::Off => ConsoleConfig::Off,
         SerialConfig::Tty => ConsoleConfig::Tty,
         SerialConfig::File(p) => ConsoleConfig::File(p),
+        SerialConfig::Socket { .. } => return Err("a socket is not a console mode".into()),
     })
 }
 
@@ -112,22 +113,10 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
             "num_queues" => {
                 cfg.num_queues = v
                     .parse::<u16>()
-                    .ok()
-                    .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
-                    .ok_or_else(|| {
-                        format!(
-                            "disk: num_queues='{v}' is not a number from 1 to {MAX_DISK_QUEUES}"
-                        )
-                    })?
+                    .map_err(|_| format!("disk: num_queues='{v}' is not a number"))
+                    .and_then(disk_queues)?
             }
-            "id" if (1..=20).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) => {
-                cfg.id = Some(v)
-            }
-            "id" => {
-                return Err(format!(
-                    "disk: id='{v}' must be 1 to 20 printable ASCII characters"
-                ));
-            }
+            "id" => cfg.id = Some(disk_serial(v)?),
             "format" => {
                 cfg.format = Some(match v.as_str() {
                     "raw" => DiskFormat::Raw,
@@ -140,6 +129,28 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     }
     cfg.path = path.ok_or("disk: path=FILE is required")?;
     Ok(cfg)
+}
+
+/// A disk's number of request queues, checked.
+pub(super) fn disk_queues(n: u16) -> Result<u16, String> {
+    if (1..=MAX_DISK_QUEUES).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "disk: num_queues={n} is not a number from 1 to {MAX_DISK_QUEUES}"
+        ))
+    }
+}
+
+/// The serial a disk reports to GET_ID: what virtio-blk has room for.
+pub(super) fn disk_serial(v: String) -> Result<String, String> {
+    if (1..=20).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "disk: id='{v}' must be 1 to 20 printable ASCII characters"
+        ))
+    }
 }
 
 /// `--net tap=NAME[,mac=MAC][,num_queues=N]`: a virtio-net device on TAP interface NAME.
@@ -176,7 +187,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
 }
 
 /// `aa:bb:cc:dd:ee:ff` (or with `-`): a unicast MAC other than all zeroes.
-fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+pub(super) fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let bad = || format!("net: mac='{text}' is not a MAC address like 52:54:00:12:34:56");
     let mut mac = [0u8; 6];
     let mut parts = text.split([':', '-']);
@@ -356,8 +367,8 @@ mod tests {
         for (bad, why) in [
             ("readonly=on", "path=FILE is required"),
             ("path=", "needs a file"),
-            ("path=a,num_queues=0", "num_queues='0'"),
-            ("path=a,num_queues=65", "num_queues='65'"),
+            ("path=a,num_queues=0", "num_queues=0 is not"),
+            ("path=a,num_queues=65", "num_queues=65 is not"),
             ("path=a,num_queues=x", "num_queues='x'"),
             ("path=a,readonly=maybe", "readonly='maybe'"),
             ("path=a,id=123456789012345678901", "1 to 20"),

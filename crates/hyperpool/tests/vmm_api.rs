@@ -1,0 +1,236 @@
+//! `hyperpool vmm --api-socket`: a VM process driven through Cloud Hypervisor's REST API, on
+//! real KVM with the probe guest, checked through the API and the guest's console log.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyperpool_api::client::{Client, Response};
+use serde_json::{Value, json};
+
+struct Vmm {
+    child: Child,
+    api: Client,
+    socket: PathBuf,
+}
+
+impl Vmm {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("api.sock");
+        let child = Command::new(common::hyperpool())
+            .args(["vmm", "--api-socket"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let api = Client::new(&socket).with_timeout(Duration::from_secs(20));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while api.get("/api/v1/vmm.ping").is_err() {
+            assert!(Instant::now() < deadline, "the API never came up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, api, socket }
+    }
+
+    fn put(&self, endpoint: &str, body: Option<Value>) -> Response {
+        self.api
+            .put(&format!("/api/v1/{endpoint}"), body.as_ref())
+            .unwrap()
+    }
+
+    fn ok(&self, endpoint: &str, body: Option<Value>) {
+        let r = self.put(endpoint, body);
+        assert_eq!(r.status, 204, "{endpoint}: {}", r.text());
+    }
+
+    fn state(&self) -> String {
+        let r = self.api.get("/api/v1/vm.info").unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json::<Value>().unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Waits for the process to end by itself.
+    fn wait_exit(mut self, limit: Duration) -> i32 {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "the VMM did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the console log has `count` lines `line`.
+fn wait_log(log: &Path, line: &str, count: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.lines().filter(|l| l.trim_end() == line).count() >= count {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {count}x '{line}' in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn probe_config(dir: &Path, cmdline: &str) -> Value {
+    json!({
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 64 << 20},
+        "payload": {"cmdline": cmdline},
+        "serial": {"mode": "Socket", "socket": dir.join("console.sock"),
+                   "file": dir.join("console.log")},
+    })
+}
+
+#[test]
+fn lifecycle_through_the_api() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let vmm = Vmm::start(dir.path());
+
+    let ping: Value = vmm.api.get("/api/v1/vmm.ping").unwrap().json().unwrap();
+    assert_eq!(ping["pid"], json!(vmm.child.id()));
+    assert_eq!(vmm.api.get("/api/v1/vm.info").unwrap().status, 404);
+    assert_eq!(vmm.put("vm.boot", None).status, 404);
+
+    vmm.ok(
+        "vm.create",
+        Some(probe_config(
+            dir.path(),
+            "probe=cmdline,cpus probe.end=halt",
+        )),
+    );
+    assert_eq!(vmm.state(), "Created");
+    let again = vmm.put("vm.create", Some(probe_config(dir.path(), "")));
+    assert_eq!(again.status, 409, "{}", again.text());
+
+    vmm.ok("vm.boot", None);
+    assert_eq!(vmm.state(), "Running");
+    let text = wait_log(&log, "PROBE done", 1);
+    assert!(text.contains("PROBE cpus ok madt=2 up=2"), "{text}");
+
+    // Wrong-state actions are refused and change nothing.
+    let r = vmm.put("vm.resume", None);
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert!(r.text().contains("Running"), "{}", r.text());
+    let r = vmm.put("vm.add-disk", Some(json!({"path": "/nonexistent"})));
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert!(r.text().contains("hotplug"), "{}", r.text());
+
+    vmm.ok("vm.pause", None);
+    assert_eq!(vmm.state(), "Paused");
+    vmm.ok("vm.resume", None);
+    assert_eq!(vmm.state(), "Running");
+
+    let counters: Value = vmm.api.get("/api/v1/vm.counters").unwrap().json().unwrap();
+    assert!(
+        counters["vcpu0"]["pio_exits"].as_u64().unwrap() > 0,
+        "{counters}"
+    );
+    assert_eq!(counters["vm"]["boots"], json!(1), "{counters}");
+
+    // A reboot builds the VM again: the guest runs a second time.
+    vmm.ok("vm.reboot", None);
+    wait_log(&log, "PROBE done", 2);
+    assert_eq!(vmm.state(), "Running");
+
+    vmm.ok("vm.shutdown", None);
+    assert_eq!(vmm.state(), "Shutdown");
+    vmm.ok("vm.boot", None);
+    wait_log(&log, "PROBE done", 3);
+    vmm.ok("vm.delete", None);
+    assert_eq!(vmm.api.get("/api/v1/vm.info").unwrap().status, 404);
+
+    vmm.ok("vmm.shutdown", None);
+    let socket = vmm.socket.clone();
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);
+    assert!(!socket.exists(), "the API socket is removed");
+}
+
+#[test]
+fn a_guest_poweroff_ends_the_process() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = Vmm::start(dir.path());
+    vmm.ok(
+        "vm.create",
+        Some(probe_config(dir.path(), "probe=cmdline probe.end=poweroff")),
+    );
+    vmm.ok("vm.boot", None);
+    assert_eq!(vmm.wait_exit(Duration::from_secs(60)), 0);
+    let log = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    assert!(log.contains("PROBE done"), "{log}");
+}
+
+#[test]
+fn bad_requests_name_what_is_wrong() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = Vmm::start(dir.path());
+    let cases = [
+        (
+            json!({"payload": {}, "memory": {"size": 67108864, "hugepages": true}}),
+            "memory.hugepages",
+        ),
+        (
+            json!({"payload": {}, "cpus": {"boot_vcpus": 1, "max_vcpus": 2}}),
+            "cpus.max_vcpus",
+        ),
+        (
+            json!({"payload": {}, "disks": [{"path": "/a", "vhost_user": true}]}),
+            "disks[0].vhost_user",
+        ),
+        (json!({"payload": {}, "frobnicate": 1}), "frobnicate"),
+        (json!({"payload": {}, "memory": {"size": 4096}}), "--memory"),
+    ];
+    for (body, needle) in cases {
+        let r = vmm.put("vm.create", Some(body.clone()));
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert!(r.text().contains(needle), "{body}: {}", r.text());
+        assert_eq!(r.text().lines().count(), 1, "one line: {}", r.text());
+    }
+    let r = vmm
+        .api
+        .request("PUT", "/api/v1/vm.create", Some(b"{not json".to_vec()))
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().starts_with("invalid request body"), "{}", r.text());
+    let r = vmm.put("vm.snapshot", Some(json!({})));
+    assert_eq!(r.status, 404);
+    assert!(
+        r.text().contains("not supported by Hyperpool yet"),
+        "{}",
+        r.text()
+    );
+    let r = vmm.api.get("/api/v1/vm.boot").unwrap();
+    assert_eq!(r.status, 405, "{}", r.text());
+    // Nothing was created by the refused requests.
+    assert_eq!(vmm.api.get("/api/v1/vm.info").unwrap().status, 404);
+}
