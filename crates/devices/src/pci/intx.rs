@@ -15,6 +15,11 @@
 //! to us on EOI. Pins of slots sharing a GSI share KVM's resampler: an EOI signals all of them and
 //! each re-asserts only if its own condition holds (a wired OR).
 //!
+//! The `_PRT` names GSIs directly (no interrupt link devices), which ACPI defines as
+//! level-triggered, active-low, and the MADT overrides none of them (its only override is ISA
+//! IRQ 0). KVM's IOAPIC ignores the polarity bit the guest programs: the level we drive is the
+//! logical one, 1 = asserted.
+//!
 //! The PCI rules for when a function may drive INTx: not while the command register's Interrupt
 //! Disable bit is set, and not while MSI-X is enabled. The segment tracks both
 //! ([`IntxPin::set_masked`]); a masked pin whose condition holds is raised when it is unmasked.

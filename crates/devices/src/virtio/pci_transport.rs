@@ -330,11 +330,6 @@ impl VirtioPciTransport {
             .collect()
     }
 
-    /// The ISR without clearing it: non-zero while an INTx interrupt is pending (for resampling).
-    pub fn isr_pending(&self) -> u8 {
-        self.interrupt.isr().peek()
-    }
-
     /// The device status as the driver reads it (including `DEVICE_NEEDS_RESET`).
     pub fn device_status(&self) -> u8 {
         if self.interrupt.needs_reset() {
