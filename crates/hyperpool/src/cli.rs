@@ -69,8 +69,8 @@ pub struct RunArgs {
     /// (repeatable).
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
-    /// A virtio-net device on a TAP interface: tap=NAME[,mac=MAC][,num_queues=2] (repeatable;
-    /// the TAP is created if it does not exist and we may).
+    /// A virtio-net device on a TAP interface: tap=NAME[,mac=MAC][,num_queues=N] (repeatable;
+    /// the TAP is created if it does not exist and we may; N even, 2 per queue pair, default 2).
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
 }

@@ -297,3 +297,28 @@ fn pci_bus_and_virtio_rng_serve_an_independent_driver() {
     assert!(distinct >= 200, "random bytes cover most values: {rng}");
     assert_eq!(f.code(), 0, "{}", f.describe());
 }
+
+#[test]
+fn virtio_interrupts_reach_a_driver_without_msix_through_level_intx() {
+    if !kvm_available() {
+        return;
+    }
+    // The rng in slot 1: INTA# on GSI 17 (the _PRT swizzle), programmed level/active-low in the
+    // IOAPIC by the guest. Its handler EOIs without reading the ISR, so the line must come back
+    // after every EOI until the guest reads the ISR (queue bit), and then stay quiet.
+    let f = probe(&["--rng"], "probe=intx,rng");
+    let figures = f.probe_ok("intx");
+    assert!(
+        figures.starts_with("gsi=17 pin=INTA isr=0x1 reraised=yes quiet=yes "),
+        "{}",
+        f.describe()
+    );
+    assert!(figures.contains(" bytes=16 "), "{figures}");
+    // The device works as before after the check reset it.
+    assert!(
+        f.probe_ok("rng").starts_with("bytes=4096"),
+        "{}",
+        f.describe()
+    );
+    assert_eq!(f.code(), 0, "{}", f.describe());
+}

@@ -4,7 +4,8 @@
 //!
 //! The TAP fds are kept for the life of the process: a VM rebuilt by `--on-reboot restart` gets
 //! the same interfaces back (a TAP we created would otherwise vanish with its last fd, and with
-//! it the host side's addresses), and the same MAC (a random one is drawn once).
+//! it the host side's addresses), and the same MAC (a random one is drawn once). With
+//! `num_queues=2N` (N > 1) the TAP is opened N times as a multi-queue TAP, one fd per pair.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -16,20 +17,27 @@ use hyperpool_devices::virtio::net::device::random_mac;
 use crate::config::NetConfig;
 use crate::error::{Error, Result};
 
-/// TAPs opened so far, by name, with the MAC their device got.
-static TAPS: Mutex<Vec<(String, Tap, [u8; 6])>> = Mutex::new(Vec::new());
+/// A TAP opened by this process: its name, its queues (one per pair), the MAC its device got.
+type OpenTap = (String, Vec<Tap>, [u8; 6]);
 
-fn tap(name: &str, mac: Option<[u8; 6]>) -> std::io::Result<(Tap, [u8; 6])> {
+/// TAPs opened so far.
+static TAPS: Mutex<Vec<OpenTap>> = Mutex::new(Vec::new());
+
+fn clone_all(taps: &[Tap]) -> std::io::Result<Vec<Tap>> {
+    taps.iter().map(Tap::try_clone).collect()
+}
+
+fn tap(name: &str, pairs: usize, mac: Option<[u8; 6]>) -> std::io::Result<(Vec<Tap>, [u8; 6])> {
     let mut taps = TAPS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, t, m)) = taps.iter().find(|(n, _, _)| n == name) {
-        return Ok((t.try_clone()?, mac.unwrap_or(*m)));
+        return Ok((clone_all(t)?, mac.unwrap_or(*m)));
     }
     let mac = match mac {
         Some(m) => m,
         None => random_mac()?,
     };
-    let t = Tap::open(name)?;
-    taps.push((name.to_owned(), t.try_clone()?, mac));
+    let t = Tap::open_queues(name, pairs)?;
+    taps.push((name.to_owned(), clone_all(&t)?, mac));
     Ok((t, mac))
 }
 
@@ -47,14 +55,16 @@ pub(crate) fn open_all(nets: &[NetConfig]) -> Result<Vec<Net>> {
 }
 
 fn open(cfg: &NetConfig) -> Result<Net> {
-    let (tap, mac) = tap(&cfg.tap, cfg.mac)
+    let pairs = usize::from(cfg.num_queues / 2);
+    let (taps, mac) = tap(&cfg.tap, pairs, cfg.mac)
         .map_err(|e| Error::Config(format!("--net tap={}: cannot open the TAP: {e}", cfg.tap)))?;
-    let net = Net::new(tap, Some(mac))
+    let net = Net::new(taps, Some(mac))
         .map_err(|e| Error::Config(format!("--net tap={}: {e}", cfg.tap)))?;
     let m = net.mac();
     tracing::info!(
-        "virtio-net on TAP {} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        "virtio-net on TAP {} ({pairs} queue pair{}) mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         cfg.tap,
+        if pairs == 1 { "" } else { "s" },
         m[0],
         m[1],
         m[2],

@@ -1,5 +1,6 @@
 //! The VMM side of PCI: the segment on the PIO/MMIO buses, KVM's interrupt routing table (one
-//! place for IOAPIC and MSI routes), MSI vector allocation (GSI + irqfd), and ioeventfds.
+//! place for IOAPIC and MSI routes), MSI vector allocation (GSI + irqfd), INTx pins (irqfds with
+//! a resample fd on the IOAPIC GSIs of the `_PRT`), and ioeventfds.
 //!
 //! Adding a PCI device is one line in `machine.rs`: `pci.add_device(Arc::new(Mutex::new(dev)))`.
 //! A device with MSI-X first gets its vectors' interrupt lines from [`Pci::msi_lines`] and the
@@ -10,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use hyperpool_acpi::PciConfig;
 use hyperpool_devices::pci::{
-    IoEventRegistry, MsiMessage, MsiRouting, PciConfigIo, PciEcam, PciMmioWindow, PciSegment,
-    SharedPciDevice, SharedSegment, Window, intx_gsi, segment::NUM_SLOTS,
+    IntxPin, IntxResampler, IntxRouting, IoEventRegistry, MsiMessage, MsiRouting, PciConfigIo,
+    PciEcam, PciMmioWindow, PciSegment, SharedPciDevice, SharedSegment, Window, intx_gsi,
+    segment::NUM_SLOTS,
 };
 use hyperpool_devices::{Bus, IrqLine};
 use kvm_bindings::{
@@ -38,6 +40,9 @@ pub struct GsiRouter {
     vm: Arc<VmFd>,
     msi: Mutex<BTreeMap<u32, MsiMessage>>,
     gsis: Mutex<IdAllocator>,
+    /// Serves the INTx pins' resample fds; lives (and its thread with it) as long as the
+    /// segment and the devices' MSI-X state hold this router.
+    resampler: IntxResampler,
 }
 
 impl GsiRouter {
@@ -48,6 +53,7 @@ impl GsiRouter {
             vm,
             msi: Mutex::new(BTreeMap::new()),
             gsis: Mutex::new(gsis),
+            resampler: IntxResampler::new(),
         })
     }
 
@@ -136,6 +142,17 @@ impl MsiRouting for GsiRouter {
     }
 }
 
+/// INTx pins on the IOAPIC GSIs 16..20: their default routes (re-stated with every routing
+/// update) point at IOAPIC pins, which KVM_IRQFD_FLAG_RESAMPLE requires.
+impl IntxRouting for GsiRouter {
+    fn connect(&self, gsi: u32, pin: Arc<IntxPin>) -> std::io::Result<()> {
+        self.vm
+            .register_irqfd_with_resample(pin.trigger_fd(), pin.resample_fd(), gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        self.resampler.add(pin)
+    }
+}
+
 /// KVM_IOEVENTFD on MMIO addresses, any access length, no datamatch.
 struct KvmIoEvents(Arc<VmFd>);
 
@@ -190,11 +207,17 @@ pub struct Pci {
 impl Pci {
     pub fn new(vm: &Arc<VmFd>, mem_size: u64) -> Result<Self> {
         let windows = windows(mem_size);
-        let segment = PciSegment::new(windows.0, windows.1, Arc::new(KvmIoEvents(vm.clone())))
-            .map_err(|e| Error::Devices(format!("PCI: {e}")))?;
+        let router = Arc::new(GsiRouter::new(vm.clone())?);
+        let segment = PciSegment::new(
+            windows.0,
+            windows.1,
+            Arc::new(KvmIoEvents(vm.clone())),
+            router.clone(),
+        )
+        .map_err(|e| Error::Devices(format!("PCI: {e}")))?;
         Ok(Self {
             segment: Arc::new(Mutex::new(segment)),
-            router: Arc::new(GsiRouter::new(vm.clone())?),
+            router,
             windows,
         })
     }

@@ -16,6 +16,7 @@ mod console;
 mod cpu;
 mod end;
 mod heap;
+mod intx;
 mod mem;
 mod net;
 mod paging;
@@ -80,6 +81,7 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "net" => net::check(si.rsdp_paddr),
         "vsock-listen" => vsock::listen_check(si.rsdp_paddr),
         "console" => console::check(si.rsdp_paddr),
+        "intx" => intx::check(si.rsdp_paddr),
         _ => Err("unknown check".into()),
     }
 }

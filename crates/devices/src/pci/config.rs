@@ -39,6 +39,8 @@ const COMMAND_WRITABLE: u16 =
     COMMAND_IO | COMMAND_MEMORY | COMMAND_BUS_MASTER | (1 << 6) | (1 << 8) | COMMAND_INTX_DISABLE;
 /// Status: "capabilities list present".
 pub const STATUS_CAP_LIST: u16 = 1 << 4;
+/// Status: the function's INTx condition holds (set by the segment on reads, read-only).
+pub const STATUS_INTERRUPT: u16 = 1 << 3;
 /// Capabilities live after the 64-byte header and before the extended space.
 const CAP_START: usize = 0x40;
 const CAP_END: usize = 0x100;

@@ -12,6 +12,11 @@
 //! - **MSI-X**: a device that returns its [`MsixInterrupts`] from [`PciDevice::msix`] never sees
 //!   accesses to its MSI-X table or PBA, nor writes to the MSI-X message control: the segment
 //!   serves them, and the device only calls [`MsixInterrupts::trigger`];
+//! - **INTx**: a device that declares an interrupt pin in its config space and returns an
+//!   [`IntxPin`] from [`PciDevice::intx`] gets the pin connected to the slot's GSI (the Interrupt
+//!   Line register says which), masked while Interrupt Disable is set or MSI-X is enabled, and its
+//!   condition shown as the status register's Interrupt Status bit; the device only calls
+//!   [`IntxPin::assert`];
 //! - **ioeventfds**: [`PciDevice::ioeventfds`] lists the (BAR, offset, eventfd) notification
 //!   addresses; the segment registers them with KVM (any access length, no datamatch) wherever the
 //!   BAR currently is, so a guest write there only signals the eventfd, without a vCPU exit to us.
@@ -21,7 +26,10 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
+use std::sync::Arc;
+
 use crate::pci::config::{BarKind, ConfigSpace};
+use crate::pci::intx::IntxPin;
 use crate::pci::msix::MsixInterrupts;
 
 /// One BAR a device wants: `size` is a power of two (>= 16); the segment picks the address.
@@ -65,6 +73,11 @@ pub trait PciDevice: Send {
 
     /// The function's MSI-X state, if it has an MSI-X capability.
     fn msix(&self) -> Option<&MsixInterrupts> {
+        None
+    }
+
+    /// The function's INTx pin, if its config space declares one (Interrupt Pin 1..=4).
+    fn intx(&self) -> Option<&Arc<IntxPin>> {
         None
     }
 

@@ -5,6 +5,8 @@
 //! - [`config`]: a function's configuration space (header, BARs, capabilities, write masks);
 //! - [`device`]: the [`PciDevice`] trait a function implements;
 //! - [`msix`]: MSI-X capability, table, PBA and the interrupt path ([`MsixInterrupts`]);
+//! - [`intx`]: the level-triggered INTx pin for drivers without MSI-X ([`IntxPin`]), and the
+//!   thread that re-raises it after the guest's EOI ([`IntxResampler`]);
 //! - [`segment`]: slots, BAR placement, dispatch, ioeventfds following BAR moves;
 //! - [`access`]: the bus devices the VMM maps (0xCF8, ECAM, the MMIO windows).
 
@@ -12,6 +14,7 @@ pub mod access;
 pub mod config;
 pub mod device;
 pub mod host_bridge;
+pub mod intx;
 pub mod msix;
 pub mod segment;
 #[cfg(test)]
@@ -20,5 +23,6 @@ mod tests;
 pub use access::{PciConfigIo, PciEcam, PciMmioWindow, SharedSegment};
 pub use config::{BarKind, ConfigSpace, PciIds};
 pub use device::{BarRequest, IoEventFd, IoEventRegistry, PciDevice};
+pub use intx::{IntxLevel, IntxPin, IntxResampler, IntxRouting};
 pub use msix::{MsiMessage, MsiRouting, Msix, MsixInterrupts, MsixLayout};
 pub use segment::{PciError, PciSegment, SharedPciDevice, Window, intx_gsi};

@@ -10,9 +10,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
-use crate::pci::config::{BarKind, COMMAND_MEMORY, ConfigError, NUM_BARS};
+use crate::pci::config::{
+    BarKind, COMMAND_INTX_DISABLE, COMMAND_MEMORY, ConfigError, NUM_BARS, STATUS, STATUS_INTERRUPT,
+};
 use crate::pci::device::{IoEventRegistry, PciDevice};
 use crate::pci::host_bridge::HostBridge;
+use crate::pci::intx::IntxRouting;
 
 /// Device numbers on bus 0 (slot 0 is the host bridge).
 pub const NUM_SLOTS: usize = 32;
@@ -40,6 +43,12 @@ pub enum PciError {
     BadWindow(u64, u64),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("connecting the INTx pin to GSI {gsi}: {source}")]
+    Intx {
+        gsi: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A guest-physical range `[start, start + size)`.
@@ -74,6 +83,7 @@ pub struct PciSegment {
     mmio32: AddressAllocator,
     mmio64: AddressAllocator,
     ioevents: Arc<dyn IoEventRegistry>,
+    intx: Arc<dyn IntxRouting>,
 }
 
 fn lock(device: &SharedPciDevice) -> MutexGuard<'_, dyn PciDevice + 'static> {
@@ -82,11 +92,13 @@ fn lock(device: &SharedPciDevice) -> MutexGuard<'_, dyn PciDevice + 'static> {
 }
 
 impl PciSegment {
-    /// Bus 0 with the host bridge; BARs go in `mmio32` (below 4 GiB) and `mmio64`.
+    /// Bus 0 with the host bridge; BARs go in `mmio32` (below 4 GiB) and `mmio64`; notification
+    /// addresses are registered with `ioevents`, INTx pins connected through `intx`.
     pub fn new(
         mmio32: Window,
         mmio64: Window,
         ioevents: Arc<dyn IoEventRegistry>,
+        intx: Arc<dyn IntxRouting>,
     ) -> Result<Self, PciError> {
         let allocator = |w: Window| {
             AddressAllocator::new(w.start, w.size).map_err(|_| PciError::BadWindow(w.start, w.size))
@@ -96,6 +108,7 @@ impl PciSegment {
             mmio32: allocator(mmio32)?,
             mmio64: allocator(mmio64)?,
             ioevents,
+            intx,
         };
         segment.slots[0] = Some(Slot {
             device: Arc::new(Mutex::new(HostBridge::new())),
@@ -106,7 +119,8 @@ impl PciSegment {
     }
 
     /// Plugs `device` into the first free slot, places its BARs, and routes its INTx pin (if its
-    /// config space declares one). Returns the slot (device number).
+    /// config space declares one): the Interrupt Line register gets the GSI the `_PRT` states,
+    /// and the device's [`IntxPin`](crate::pci::IntxPin) is connected to it. Returns the slot.
     pub fn add_device(&mut self, device: SharedPciDevice) -> Result<u8, PciError> {
         let slot = self
             .slots
@@ -140,6 +154,11 @@ impl PciSegment {
             if (1..=4).contains(&pin) {
                 let gsi = intx_gsi(slot as u8, pin - 1);
                 dev.config().set_interrupt(pin, gsi as u8);
+                if let Some(line) = dev.intx() {
+                    self.intx
+                        .connect(gsi, line.clone())
+                        .map_err(|source| PciError::Intx { gsi, source })?;
+                }
             }
         }
         self.slots[slot] = Some(Slot {
@@ -165,6 +184,16 @@ impl PciSegment {
         };
         let mut dev = lock(&slot.device);
         dev.config().read(offset, data);
+        // Interrupt Status (status bit 3): the INTx condition, whether or not it is masked.
+        if let Some(pending) = dev.intx().map(|p| p.pending()) {
+            if let Some(b) = STATUS
+                .checked_sub(offset)
+                .and_then(|i| data.get_mut(i))
+                .filter(|_| pending)
+            {
+                *b |= STATUS_INTERRUPT as u8;
+            }
+        }
         dev.config_read(offset, data);
     }
 
@@ -179,12 +208,20 @@ impl PciSegment {
         let device = slot.device.clone();
         let mut dev = lock(&device);
         dev.config().write(offset, data);
+        let mut msix_enabled = false;
         if let Some(msix) = dev.msix().cloned() {
             let control_at = msix.lock().control_offset();
             if offset < control_at + 2 && control_at < offset + data.len() {
                 let control = dev.config().read_u16(control_at);
                 msix.lock().set_control(control);
             }
+            msix_enabled = msix.lock().enabled();
+        }
+        // A function drives INTx only with Interrupt Disable clear and MSI-X off (PCI 3.0
+        // §6.8.2.3). Re-evaluated on every write: both live in config space.
+        let intx_disabled = dev.config().command() & COMMAND_INTX_DISABLE != 0;
+        if let Some(pin) = dev.intx() {
+            pin.set_masked(intx_disabled || msix_enabled);
         }
         dev.config_written(offset, data);
         update_decoding(slot, &mut *dev, self.ioevents.as_ref());

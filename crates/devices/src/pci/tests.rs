@@ -1,11 +1,15 @@
 //! The segment and its access paths together: CF8/CFC and ECAM decoding, BAR placement and
-//! dispatch, BAR moves carrying ioeventfds, MSI-X table/control forwarding.
+//! dispatch, BAR moves carrying ioeventfds, MSI-X table/control forwarding, INTx routing and
+//! masking.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{BAR0, COMMAND, COMMAND_MEMORY, INTERRUPT_LINE};
+use super::config::{
+    BAR0, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEMORY, INTERRUPT_LINE, STATUS, STATUS_INTERRUPT,
+};
 use super::msix::CONTROL_ENABLE;
 use super::*;
 use crate::bus::BusDevice;
@@ -42,11 +46,31 @@ impl MsiRouting for Router {
     }
 }
 
+/// Which pins the segment connected, to which GSI.
+#[derive(Default)]
+struct Intx(Mutex<Vec<(u32, Arc<IntxPin>)>>);
+impl IntxRouting for Intx {
+    fn connect(&self, gsi: u32, pin: Arc<IntxPin>) -> std::io::Result<()> {
+        self.0.lock().unwrap().push((gsi, pin));
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Level(AtomicBool);
+impl IntxLevel for Level {
+    fn asserted(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// BAR 0: 4 KiB of registers (32-bit); BAR 2: 16 KiB, 64-bit, MSI-X table at 0, PBA at 0x800,
 /// a notification at 0x1000, and a scratch byte array behind the rest.
 struct Fake {
     config: ConfigSpace,
     msix: MsixInterrupts,
+    intx: Arc<IntxPin>,
+    level: Arc<Level>,
     notify: EventFd,
     regs: Vec<u8>,
     log: Vec<(u8, u64, usize)>,
@@ -69,9 +93,12 @@ fn fake(pin: u8, router: Arc<Router>) -> (Arc<Mutex<Fake>>, Vec<IrqLine>) {
         pba_offset: 0x800,
     };
     let msix = Msix::new(layout, lines.clone(), router, &mut config).unwrap();
+    let level = Arc::new(Level::default());
     let dev = Fake {
         config,
         msix: MsixInterrupts::new(msix),
+        intx: Arc::new(IntxPin::new(level.clone()).unwrap()),
+        level,
         notify: EventFd::new(0).unwrap(),
         regs: vec![0; 0x4000],
         log: Vec::new(),
@@ -121,6 +148,9 @@ impl PciDevice for Fake {
     fn msix(&self) -> Option<&MsixInterrupts> {
         Some(&self.msix)
     }
+    fn intx(&self) -> Option<&Arc<IntxPin>> {
+        Some(&self.intx)
+    }
 }
 
 struct Rig {
@@ -131,12 +161,14 @@ struct Rig {
     w64: PciMmioWindow,
     registry: Arc<Registry>,
     router: Arc<Router>,
+    intx: Arc<Intx>,
 }
 
 fn rig() -> Rig {
     let registry = Arc::new(Registry::default());
+    let intx = Arc::new(Intx::default());
     let segment = Arc::new(Mutex::new(
-        PciSegment::new(W32, W64, registry.clone()).unwrap(),
+        PciSegment::new(W32, W64, registry.clone(), intx.clone()).unwrap(),
     ));
     Rig {
         cf8: PciConfigIo::new(segment.clone()),
@@ -146,6 +178,7 @@ fn rig() -> Rig {
         segment,
         registry,
         router: Arc::new(Router::default()),
+        intx,
     }
 }
 
@@ -338,4 +371,64 @@ fn slots_run_out_and_io_bars_are_refused() {
     }
     let (dev, _) = fake(0, r.router.clone());
     assert!(matches!(seg.add_device(dev), Err(PciError::NoFreeSlot)));
+}
+
+#[test]
+fn intx_is_routed_masked_and_shown_in_status() {
+    let mut r = rig();
+    let (a, _) = fake(1, r.router.clone());
+    let (none, _) = fake(0, r.router.clone());
+    let (b, _) = fake(2, r.router.clone());
+    let mut seg = r.segment.lock().unwrap();
+    for d in [a.clone(), none, b.clone()] {
+        seg.add_device(d).unwrap();
+    }
+    drop(seg);
+    // Slot 1 INTA# and slot 3 INTB# on the GSIs of the _PRT swizzle; slot 2 has no pin.
+    let connected: Vec<u32> = r.intx.0.lock().unwrap().iter().map(|c| c.0).collect();
+    assert_eq!(connected, [17, 16]);
+    assert_eq!(
+        read32(&mut r.ecam, ecam_off(3, INTERRUPT_LINE as u64)) & 0xffff,
+        0x0210
+    );
+    let e = |reg| ecam_off(1, reg);
+    let status = |r: &mut Rig| read32(&mut r.ecam, e(COMMAND as u64)) >> 16;
+
+    let (pin, level) = {
+        let d = a.lock().unwrap();
+        (d.intx.clone(), d.level.clone())
+    };
+    assert_eq!(status(&mut r) as u16 & STATUS_INTERRUPT, 0);
+    level.0.store(true, Ordering::SeqCst);
+    let mut byte = [0u8];
+    r.ecam.read(e(STATUS as u64), &mut byte);
+    assert_eq!(byte[0] as u16 & STATUS_INTERRUPT, STATUS_INTERRUPT);
+    pin.assert().unwrap();
+    assert_eq!(pin.trigger_fd().read().unwrap(), 1);
+
+    // Interrupt Disable masks the pin (the condition still shows); clearing it raises the line.
+    r.ecam
+        .write(e(COMMAND as u64), &COMMAND_INTX_DISABLE.to_le_bytes());
+    assert!(pin.masked());
+    pin.assert().unwrap();
+    assert!(pin.trigger_fd().read().is_err());
+    assert_eq!(status(&mut r) as u16 & STATUS_INTERRUPT, STATUS_INTERRUPT);
+    r.ecam.write(e(COMMAND as u64), &[0, 0]);
+    assert!(!pin.masked());
+    assert_eq!(pin.trigger_fd().read().unwrap(), 1, "raised on unmask");
+
+    // MSI-X enabled: no INTx either, whatever the command register says.
+    let cap = read32(&mut r.ecam, e(0x34)) as u64 & 0xff;
+    r.ecam.write(e(cap + 2), &CONTROL_ENABLE.to_le_bytes());
+    assert!(pin.masked());
+    r.ecam
+        .write(e(COMMAND as u64), &COMMAND_MEMORY.to_le_bytes());
+    assert!(pin.masked(), "still MSI-X");
+    r.ecam.write(e(cap + 2), &[0, 0]);
+    assert!(!pin.masked());
+    assert_eq!(pin.trigger_fd().read().unwrap(), 1);
+    assert!(
+        !b.lock().unwrap().intx.masked(),
+        "the other function is untouched"
+    );
 }

@@ -1,12 +1,12 @@
 //! How a virtio device tells its driver something: a used buffer, a config change, or that it
 //! needs a reset.
 //!
-//! The device holds a [`DeviceInterrupt`]; it sets the ISR bit (for the INTx path) and calls the
-//! transport's [`VirtioInterrupt`] sink with the MSI-X vector the driver chose for that queue (or
-//! for config changes). The sink — implemented by the PCI side — decides how that reaches the
-//! guest: an MSI-X message (irqfd) when MSI-X is enabled, nothing for [`NO_VECTOR`]. The INTx
-//! path (a driver without MSI-X) is not wired yet: the PCI side has no level-triggered line, so
-//! today such a driver must poll (as the probe guest does).
+//! The device holds a [`DeviceInterrupt`]; it sets the ISR bit and calls the transport's
+//! [`VirtioInterrupt`] sink with the MSI-X vector the driver chose for that queue (or for config
+//! changes). The sink — implemented by the PCI side — decides how that reaches the guest: an
+//! MSI-X message (irqfd) when MSI-X is enabled (nothing for [`NO_VECTOR`]), else the function's
+//! level-triggered INTx pin, which follows the ISR: up while it is non-zero, down once the
+//! driver's read cleared it (see [`crate::pci::intx`]).
 
 use std::fmt::Display;
 use std::io;
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, Ordering};
 
 use super::NO_VECTOR;
+use crate::pci::IntxLevel;
 
 /// Where a virtio transport delivers interrupts. Implemented by the PCI side (MSI-X / INTx).
 pub trait VirtioInterrupt: Send + Sync {
@@ -26,8 +27,9 @@ pub trait VirtioInterrupt: Send + Sync {
 
 /// The ISR status register (virtio 1.2 §4.1.4.5): bit 0 a used buffer, bit 1 a config change.
 /// Reading it through the transport clears it (and is the driver's INTx acknowledgement).
-#[derive(Debug, Default)]
-pub struct IsrStatus(AtomicU8);
+/// Clones share the register: the PCI side's INTx pin holds one to follow it.
+#[derive(Debug, Default, Clone)]
+pub struct IsrStatus(Arc<AtomicU8>);
 
 impl IsrStatus {
     pub const QUEUE: u8 = 1 << 0;
@@ -45,6 +47,13 @@ impl IsrStatus {
     /// The guest's read: returns the bits and clears them atomically.
     pub fn read_and_clear(&self) -> u8 {
         self.0.swap(0, Ordering::SeqCst)
+    }
+}
+
+/// The INTx line of a virtio function is up while the ISR is non-zero (virtio 1.2 §4.1.5.3).
+impl IntxLevel for IsrStatus {
+    fn asserted(&self) -> bool {
+        self.peek() != 0
     }
 }
 
@@ -66,10 +75,21 @@ pub struct DeviceInterrupt {
 }
 
 impl DeviceInterrupt {
+    #[cfg(test)]
     pub(crate) fn new(name: &str, num_queues: usize, sink: Arc<dyn VirtioInterrupt>) -> Self {
+        Self::with_isr(name, num_queues, sink, IsrStatus::default())
+    }
+
+    /// A handle whose ISR register is `isr` (shared with the PCI side's INTx pin).
+    pub(crate) fn with_isr(
+        name: &str,
+        num_queues: usize,
+        sink: Arc<dyn VirtioInterrupt>,
+        isr: IsrStatus,
+    ) -> Self {
         Self {
             state: Arc::new(InterruptState {
-                isr: IsrStatus::default(),
+                isr,
                 config_vector: AtomicU16::new(NO_VECTOR),
                 queue_vectors: (0..num_queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
                 needs_reset: AtomicBool::new(false),

@@ -25,7 +25,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{ActivatedQueue, VirtioDevice};
-use super::interrupt::{DeviceInterrupt, VirtioInterrupt};
+use super::interrupt::{DeviceInterrupt, IsrStatus, VirtioInterrupt};
 use super::{GuestMemoryHandle, MAX_QUEUE_SIZE, NO_VECTOR, features, status};
 
 pub const COMMON_OFFSET: u64 = 0x0000;
@@ -223,6 +223,19 @@ impl VirtioPciTransport {
         bar: u8,
         msix_vectors: u16,
     ) -> Result<Self, TransportError> {
+        Self::with_isr(device, mem, sink, bar, msix_vectors, IsrStatus::default())
+    }
+
+    /// [`Self::new`] with the ISR register shared with the caller (the PCI side's INTx pin
+    /// follows it).
+    pub fn with_isr(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryHandle,
+        sink: Arc<dyn VirtioInterrupt>,
+        bar: u8,
+        msix_vectors: u16,
+        isr: IsrStatus,
+    ) -> Result<Self, TransportError> {
         let sizes = device.queue_max_sizes();
         if sizes.is_empty() || sizes.len() > MAX_QUEUES {
             return Err(TransportError::QueueCount(sizes.len()));
@@ -253,7 +266,7 @@ impl VirtioPciTransport {
             return Err(TransportError::NotModern);
         }
         let name = format!("device type {}", device.device_type());
-        let interrupt = DeviceInterrupt::new(&name, queues.len(), sink);
+        let interrupt = DeviceInterrupt::with_isr(&name, queues.len(), sink, isr);
         Ok(Self {
             device,
             mem,
@@ -315,11 +328,6 @@ impl VirtioPciTransport {
             .enumerate()
             .map(|(i, q)| (notify_offset(i), &q.event))
             .collect()
-    }
-
-    /// The ISR without clearing it: non-zero while an INTx interrupt is pending (for resampling).
-    pub fn isr_pending(&self) -> u8 {
-        self.interrupt.isr().peek()
     }
 
     /// The device status as the driver reads it (including `DEVICE_NEEDS_RESET`).

@@ -127,9 +127,13 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC; a random locally administered one when `None`.
     pub mac: Option<[u8; 6]>,
-    /// Virtqueues (RX + TX), Cloud Hypervisor's convention; only 2 (one pair) so far.
+    /// Data virtqueues, RX + TX (Cloud Hypervisor's convention): an even number, one TAP queue
+    /// per pair, 2..=[`MAX_NET_QUEUES`].
     pub num_queues: u16,
 }
+
+/// The most data queues a network device may have (16 pairs, a thread each).
+pub const MAX_NET_QUEUES: u16 = 32;
 
 /// The most queues a disk may have.
 pub const MAX_DISK_QUEUES: u16 = 64;

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use super::{
-    ConsoleConfig, CpusConfig, DiskConfig, DiskFormat, MAX_DISK_QUEUES, MemoryConfig, NetConfig,
-    SerialConfig, VsockConfig, parse_size,
+    ConsoleConfig, CpusConfig, DiskConfig, DiskFormat, MAX_DISK_QUEUES, MAX_NET_QUEUES,
+    MemoryConfig, NetConfig, SerialConfig, VsockConfig, parse_size,
 };
 use crate::arch::cpu_template::CpuTemplate;
 
@@ -170,14 +170,16 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
             }
             "mac" => cfg.mac = Some(parse_mac(&v)?),
             "num_queues" => {
-                cfg.num_queues = match v.parse::<u16>() {
-                    Ok(2) => 2,
-                    _ => {
-                        return Err(format!(
-                            "net: num_queues='{v}': only 2 (one RX/TX pair) is supported"
-                        ));
-                    }
-                }
+                cfg.num_queues = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| n % 2 == 0 && (2..=MAX_NET_QUEUES).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "net: num_queues='{v}' is not an even number from 2 to \
+                             {MAX_NET_QUEUES} (an RX and a TX queue per pair)"
+                        )
+                    })?
             }
             _ => return Err(unknown("net", k, "tap, mac, num_queues")),
         }
@@ -308,6 +310,8 @@ mod tests {
         assert_eq!((n.tap.as_str(), n.mac, n.num_queues), ("hptap0", None, 2));
         let n = parse_net("tap=t1,mac=52:54:00:AB:cd:01,num_queues=2").unwrap();
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 1]));
+        assert_eq!(parse_net("tap=t,num_queues=8").unwrap().num_queues, 8);
+        assert_eq!(parse_net("tap=t,num_queues=32").unwrap().num_queues, 32);
         for (bad, why) in [
             ("mac=52:54:00:12:34:56", "tap=NAME is required"),
             ("tap=", "1 to 15"),
@@ -319,7 +323,10 @@ mod tests {
             ("tap=t,mac=525400123456", "not a MAC"),
             ("tap=t,mac=01:00:5e:00:00:01", "multicast"),
             ("tap=t,mac=00:00:00:00:00:00", "all zeroes"),
-            ("tap=t,num_queues=4", "only 2"),
+            ("tap=t,num_queues=3", "not an even number from 2 to 32"),
+            ("tap=t,num_queues=0", "not an even number"),
+            ("tap=t,num_queues=34", "not an even number"),
+            ("tap=t,num_queues=-2", "not an even number"),
             ("tap=t,vhost=on", "unknown net key 'vhost'"),
         ] {
             let e = parse_net(bad).unwrap_err();

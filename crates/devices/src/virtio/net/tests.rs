@@ -1,5 +1,5 @@
-//! virtio-net driven through the virtio-pci transport by a test driver (two split rings in a
-//! `GuestMemoryMmap`), with a SOCK_SEQPACKET socket pair standing in for the TAP.
+//! virtio-net driven through the virtio-pci transport by a test driver (split rings in a
+//! `GuestMemoryMmap`), with a SOCK_SEQPACKET socket pair standing in for each TAP queue.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -8,15 +8,19 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use super::ctrl::{CLASS_MQ, ERR, MQ_VQ_PAIRS_SET, OK};
 use super::device::{feature, test_check_tx_header};
 use super::{Net, Tap};
 use crate::virtio::pci_transport::{DEVICE_OFFSET, notify_offset};
-use crate::virtio::{VirtioInterrupt, VirtioPciTransport, features, status};
+use crate::virtio::{VirtioDevice, VirtioInterrupt, VirtioPciTransport, features, status};
 
-const MEM_SIZE: usize = 1 << 20;
+const MEM_SIZE: usize = 4 << 20;
 const QSIZE: u16 = 16;
 const RX_BUFS: u64 = 0x20000;
-const TX_BUFS: u64 = 0x40000;
+const TX_BUFS: u64 = 0x200000;
+const CTRL_BUFS: u64 = 0x380000;
+/// Each queue's buffers are this far apart from the next queue's.
+const QUEUE_BUFS: u64 = 0x20000;
 const TIMEOUT: Duration = Duration::from_secs(5);
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
@@ -25,6 +29,7 @@ const DF: u64 = 0x04;
 const GFSEL: u64 = 0x08;
 const GF: u64 = 0x0c;
 const STATUS: u64 = 0x14;
+const NUM_QUEUES: u64 = 0x12;
 const Q_SELECT: u64 = 0x16;
 const Q_SIZE: u64 = 0x18;
 const Q_ENABLE: u64 = 0x1c;
@@ -63,22 +68,43 @@ fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
 struct Driver {
     t: VirtioPciTransport,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    avail: [u16; 2],
+    avail: Vec<u16>,
+    /// The other end of each TAP queue.
+    peers: Vec<OwnedFd>,
     peer: OwnedFd,
 }
 
 impl Driver {
     fn new() -> Self {
-        let (a, b) = seqpacket_pair();
+        Self::with_pairs(1)
+    }
+
+    fn with_pairs(pairs: usize) -> Self {
+        let (taps, mut peers): (Vec<Tap>, Vec<OwnedFd>) = (0..pairs)
+            .map(|_| {
+                let (a, b) = seqpacket_pair();
+                (Tap::from_fd(a), b)
+            })
+            .unzip();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mem = GuestMemoryAtomic::new(mem);
-        let dev = Net::new(Tap::from_fd(a), Some(MAC)).unwrap();
-        let t = VirtioPciTransport::new(Box::new(dev), mem.clone(), Arc::new(NoIrq), 0, 3).unwrap();
+        let dev = Net::new(taps, Some(MAC)).unwrap();
+        let queues = dev.queue_max_sizes().len();
+        let t = VirtioPciTransport::new(
+            Box::new(dev),
+            mem.clone(),
+            Arc::new(NoIrq),
+            0,
+            queues as u16 + 1,
+        )
+        .unwrap();
+        let peer = peers.remove(0);
         Self {
             t,
             mem,
-            avail: [0; 2],
-            peer: b,
+            avail: vec![0; queues],
+            peers,
+            peer,
         }
     }
 
@@ -95,6 +121,11 @@ impl Driver {
     }
 
     fn start(&mut self, feats: u64) {
+        self.start_queues(feats, 2);
+    }
+
+    /// Negotiates `feats` and enables the first `queues` queues.
+    fn start_queues(&mut self, feats: u64, queues: u64) {
         self.w(STATUS, 1, 0);
         self.w(STATUS, 1, u64::from(status::ACKNOWLEDGE | status::DRIVER));
         self.w(GFSEL, 4, 0);
@@ -104,7 +135,7 @@ impl Driver {
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         self.w(STATUS, 1, u64::from(s));
         assert_ne!(self.r(STATUS, 1) as u8 & status::FEATURES_OK, 0);
-        for q in 0..2u64 {
+        for q in 0..queues {
             let (desc, avail, used) = ring(q);
             self.w(Q_SELECT, 2, q);
             self.w(Q_SIZE, 2, u64::from(QSIZE));
@@ -147,6 +178,15 @@ impl Driver {
         self.w(notify_offset(q as usize), 2, q);
     }
 
+    /// The peer of pair `pair`'s TAP queue.
+    fn peer_of(&self, pair: usize) -> &OwnedFd {
+        if pair == 0 {
+            &self.peer
+        } else {
+            &self.peers[pair - 1]
+        }
+    }
+
     fn used_idx(&self, q: u64) -> u16 {
         let (_, _, used) = ring(q);
         self.mem().read_obj(GuestAddress(used + 2)).unwrap()
@@ -184,44 +224,89 @@ impl Driver {
         false
     }
 
+    /// Posts a control command on queue `q` at descriptors `i`, `i + 1`: `cmd` device-readable
+    /// (no descriptor if empty), then a one-byte ack; returns the ack once the chain is used.
+    fn ctrl(&mut self, q: u64, i: u16, cmd: &[u8]) -> Option<u8> {
+        let addr = CTRL_BUFS + u64::from(i) * 0x100;
+        let ack = addr + 0x80;
+        self.mem().write_slice(cmd, GuestAddress(addr)).unwrap();
+        self.mem().write_obj(0xeeu8, GuestAddress(ack)).unwrap();
+        let head = if cmd.is_empty() {
+            self.write_desc(q, i + 1, ack, 1, VRING_DESC_F_WRITE, 0);
+            i + 1
+        } else {
+            self.write_desc(q, i, addr, cmd.len() as u32, VRING_DESC_F_NEXT, i + 1);
+            self.write_desc(q, i + 1, ack, 1, VRING_DESC_F_WRITE, 0);
+            i
+        };
+        let before = self.used_idx(q);
+        self.post(q, head);
+        self.notify(q);
+        if !self.wait_used(q, before.wrapping_add(1)) {
+            return None;
+        }
+        Some(self.mem().read_obj(GuestAddress(ack)).unwrap())
+    }
+
+    fn needs_reset(&mut self) -> bool {
+        self.r(STATUS, 1) as u8 & status::DEVICE_NEEDS_RESET != 0
+    }
+
+    /// Where RX buffer `i` of queue `q` lives.
+    fn rx_buf(q: u64, i: u16) -> u64 {
+        RX_BUFS + q * QUEUE_BUFS + u64::from(i) * 0x1000
+    }
+
     /// Posts RX buffer `i` (`len` bytes) and notifies.
     fn post_rx(&mut self, i: u16, len: u32) {
-        self.write_desc(
-            0,
-            i,
-            RX_BUFS + u64::from(i) * 0x1000,
-            len,
-            VRING_DESC_F_WRITE,
-            0,
-        );
-        self.post(0, i);
-        self.notify(0);
+        self.post_rx_on(0, i, len);
+    }
+
+    /// Posts RX buffer `i` (`len` bytes) on queue `q` and notifies.
+    fn post_rx_on(&mut self, q: u64, i: u16, len: u32) {
+        self.write_desc(q, i, Self::rx_buf(q, i), len, VRING_DESC_F_WRITE, 0);
+        self.post(q, i);
+        self.notify(q);
     }
 
     /// Queues a frame as a two-descriptor TX chain at descriptor `i`, split after `split`.
     fn send(&mut self, i: u16, frame: &[u8], split: usize) {
-        let addr = TX_BUFS + u64::from(i) * 0x1000;
+        self.send_on(1, i, frame, split);
+    }
+
+    /// [`Self::send`] on TX queue `q`.
+    fn send_on(&mut self, q: u64, i: u16, frame: &[u8], split: usize) {
+        let addr = TX_BUFS + q * QUEUE_BUFS + u64::from(i) * 0x1000;
         self.mem().write_slice(frame, GuestAddress(addr)).unwrap();
-        self.write_desc(1, i, addr, split as u32, VRING_DESC_F_NEXT, i + 1);
+        self.write_desc(q, i, addr, split as u32, VRING_DESC_F_NEXT, i + 1);
         let rest = (frame.len() - split) as u32;
-        self.write_desc(1, i + 1, addr + split as u64, rest, 0, 0);
-        self.post(1, i);
-        self.notify(1);
+        self.write_desc(q, i + 1, addr + split as u64, rest, 0, 0);
+        self.post(q, i);
+        self.notify(q);
     }
 
     fn peer_send(&self, frame: &[u8]) {
+        self.peer_send_on(0, frame);
+    }
+
+    fn peer_send_on(&self, pair: usize, frame: &[u8]) {
+        let fd = self.peer_of(pair).as_raw_fd();
         // SAFETY: writes `frame` from a live slice to our socket.
-        let n = unsafe { libc::send(self.peer.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        let n = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
         assert_eq!(n, frame.len() as isize);
     }
 
     fn peer_recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.peer_recv_on(0, timeout)
+    }
+
+    fn peer_recv_on(&self, pair: usize, timeout: Duration) -> Option<Vec<u8>> {
+        let fd = self.peer_of(pair).as_raw_fd();
         let start = Instant::now();
         let mut buf = vec![0u8; 70000];
         loop {
             // SAFETY: reads into a live buffer of the given length.
-            let n =
-                unsafe { libc::recv(self.peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n >= 0 {
                 buf.truncate(n as usize);
                 return Some(buf);
@@ -261,7 +346,14 @@ fn config_and_features() {
     ] {
         assert_eq!(offered & f, f);
     }
-    assert_eq!(offered & feature::MRG_RXBUF, 0);
+    assert_eq!(offered & feature::MRG_RXBUF, feature::MRG_RXBUF);
+    assert_eq!(
+        offered & (feature::MQ | feature::CTRL_VQ),
+        0,
+        "one pair: no multiqueue"
+    );
+    assert_eq!(d.r(NUM_QUEUES, 2), 2);
+    assert_eq!(d.r(DEVICE_OFFSET + 8, 2), 1, "max_virtqueue_pairs");
     let mut cfg = [0u8; 10];
     for (i, b) in cfg.iter_mut().enumerate() {
         *b = d.r(DEVICE_OFFSET + i as u64, 1) as u8;
@@ -274,7 +366,7 @@ fn config_and_features() {
 #[test]
 fn random_mac_is_local_unicast() {
     let (a, _b) = seqpacket_pair();
-    let m = Net::new(Tap::from_fd(a), None).unwrap().mac();
+    let m = Net::new(vec![Tap::from_fd(a)], None).unwrap().mac();
     assert_eq!(m[0] & 0x03, 0x02);
 }
 
@@ -378,4 +470,203 @@ fn wrong_direction_and_bad_addresses_need_reset() {
     // Reset brings it back.
     d.w(STATUS, 1, 0);
     assert_eq!(d.r(STATUS, 1), 0);
+}
+
+const MQ_FEATS: u64 = BASE | feature::MQ | feature::CTRL_VQ;
+/// Queue indices with two pairs: rx0, tx0, rx1, tx1, control.
+const RX1: u64 = 2;
+const TX1: u64 = 3;
+const CTRLQ: u64 = 4;
+
+fn pairs_set(n: u16) -> [u8; 4] {
+    let [lo, hi] = n.to_le_bytes();
+    [CLASS_MQ, MQ_VQ_PAIRS_SET, lo, hi]
+}
+
+#[test]
+fn multiqueue_is_offered_with_pairs_and_config_says_how_many() {
+    let mut d = Driver::with_pairs(3);
+    d.w(DFSEL, 4, 0);
+    let offered = d.r(DF, 4);
+    let mq = feature::MQ | feature::CTRL_VQ | feature::MRG_RXBUF;
+    assert_eq!(offered & mq, mq);
+    assert_eq!(d.r(NUM_QUEUES, 2), 7, "3 pairs and the control queue");
+    assert_eq!(d.r(DEVICE_OFFSET + 8, 2), 3, "max_virtqueue_pairs");
+    assert!(Net::new(Vec::new(), Some(MAC)).is_err());
+}
+
+#[test]
+fn pair_1_carries_traffic_once_the_driver_asks_for_two_pairs() {
+    let mut d = Driver::with_pairs(2);
+    d.start_queues(MQ_FEATS, 5);
+    // A frame at pair 1's TAP queue waits while only pair 0 is in use, buffers or not.
+    d.post_rx_on(RX1, 0, 2048);
+    let f = frame(b"to pair one");
+    d.peer_send_on(1, &f);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.used_idx(RX1), 0);
+
+    assert_eq!(d.ctrl(CTRLQ, 0, &pairs_set(2)), Some(OK));
+    assert!(d.wait_used(RX1, 1), "pair 1 reads its TAP queue now");
+    assert_eq!(d.used_elem(RX1, 0), (0, f.len() as u32));
+    let mut got = vec![0u8; f.len()];
+    d.mem()
+        .read_slice(&mut got, GuestAddress(Driver::rx_buf(RX1, 0)))
+        .unwrap();
+    assert_eq!(&got[12..], &f[12..]);
+
+    // TX on pair 1 goes to its own TAP queue, not pair 0's.
+    let g = frame(b"from pair one");
+    d.send_on(TX1, 0, &g, 12);
+    assert!(d.wait_used(TX1, 1));
+    assert_eq!(d.peer_recv_on(1, TIMEOUT).unwrap(), g);
+    assert!(d.peer_recv_on(0, Duration::from_millis(50)).is_none());
+
+    // Back to one pair: pair 1 stops reading; pair 0 goes on.
+    assert_eq!(d.ctrl(CTRLQ, 2, &pairs_set(1)), Some(OK));
+    d.post_rx_on(RX1, 1, 2048);
+    d.peer_send_on(1, &f);
+    d.post_rx(0, 2048);
+    d.peer_send(&f);
+    assert!(d.wait_used(0, 1));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.used_idx(RX1), 1, "pair 1 is idle again");
+    assert!(!d.needs_reset());
+}
+
+#[test]
+fn control_commands_out_of_range_or_unknown_get_err() {
+    let mut d = Driver::with_pairs(2);
+    d.start_queues(MQ_FEATS, 5);
+    let cmds: [&[u8]; 9] = [
+        &pairs_set(0),
+        &pairs_set(3),
+        &pairs_set(0xffff),
+        &[CLASS_MQ, 1, 2, 0],            // RSS config: not offered
+        &[0, 0, 1],                      // RX mode (promiscuous): not offered
+        &[1, 1, 0, 0, 0, 0],             // MAC table: not offered
+        &[CLASS_MQ, MQ_VQ_PAIRS_SET, 2], // truncated argument
+        &[CLASS_MQ],
+        &[],
+    ];
+    for (n, cmd) in cmds.iter().enumerate() {
+        let i = (2 * n % 16) as u16;
+        assert_eq!(d.ctrl(CTRLQ, i, cmd), Some(ERR), "{cmd:?}");
+    }
+    assert_eq!(d.ctrl(CTRLQ, 0, &pairs_set(2)), Some(OK));
+    assert_eq!(
+        d.ctrl(CTRLQ, 2, &pairs_set(2)),
+        Some(OK),
+        "again: no change"
+    );
+    assert!(!d.needs_reset());
+}
+
+#[test]
+fn without_mq_the_control_queue_is_queue_2_and_refuses_pairs() {
+    let mut d = Driver::with_pairs(2);
+    d.start_queues(BASE | feature::CTRL_VQ, 3);
+    assert_eq!(d.ctrl(2, 0, &pairs_set(2)), Some(ERR));
+    assert_eq!(d.ctrl(2, 2, &pairs_set(1)), Some(ERR));
+    let f = frame(b"still pair 0");
+    d.send(0, &f, 12);
+    assert_eq!(d.peer_recv(TIMEOUT).unwrap(), f);
+}
+
+#[test]
+fn malformed_control_chains_need_reset() {
+    // A command without a writable ack byte.
+    let mut d = Driver::with_pairs(2);
+    d.start_queues(MQ_FEATS, 5);
+    d.mem()
+        .write_slice(&pairs_set(2), GuestAddress(CTRL_BUFS))
+        .unwrap();
+    d.write_desc(CTRLQ, 0, CTRL_BUFS, 4, 0, 0);
+    d.post(CTRLQ, 0);
+    d.notify(CTRLQ);
+    assert!(d.wait_needs_reset());
+
+    // The ack before the command.
+    let mut d = Driver::with_pairs(2);
+    d.start_queues(MQ_FEATS, 5);
+    d.write_desc(
+        CTRLQ,
+        0,
+        CTRL_BUFS,
+        1,
+        VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+        1,
+    );
+    d.write_desc(CTRLQ, 1, CTRL_BUFS + 0x10, 4, 0, 0);
+    d.post(CTRLQ, 0);
+    d.notify(CTRLQ);
+    assert!(d.wait_needs_reset());
+
+    // A command buffer outside guest memory.
+    let mut d = Driver::with_pairs(2);
+    d.start_queues(MQ_FEATS, 5);
+    d.write_desc(CTRLQ, 0, MEM_SIZE as u64 - 2, 4, VRING_DESC_F_NEXT, 1);
+    d.write_desc(CTRLQ, 1, CTRL_BUFS, 1, VRING_DESC_F_WRITE, 0);
+    d.post(CTRLQ, 0);
+    d.notify(CTRLQ);
+    assert!(d.wait_needs_reset());
+}
+
+#[test]
+fn mergeable_rx_spreads_a_frame_over_chains() {
+    let mut d = Driver::new();
+    d.start(BASE | feature::MRG_RXBUF);
+    d.post_rx(0, 64);
+    let f = frame(&[5u8; 150]);
+    assert_eq!(f.len(), 176);
+    d.peer_send(&f);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.used_idx(0), 0, "held until there is room");
+    d.post_rx(1, 64);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(d.used_idx(0), 0);
+    d.post_rx(2, 64);
+    assert!(d.wait_used(0, 3));
+    assert_eq!(
+        [d.used_elem(0, 0), d.used_elem(0, 1), d.used_elem(0, 2)],
+        [(0, 64), (1, 64), (2, 48)]
+    );
+    let mut got = Vec::new();
+    for (i, len) in [(0, 64), (1, 64), (2, 48)] {
+        let mut b = vec![0u8; len];
+        d.mem()
+            .read_slice(&mut b, GuestAddress(Driver::rx_buf(0, i)))
+            .unwrap();
+        got.extend_from_slice(&b);
+    }
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+    assert_eq!(&got[12..], &f[12..]);
+
+    // A frame that fits one buffer takes one.
+    d.post_rx(3, 64);
+    let small = frame(b"x");
+    d.peer_send(&small);
+    assert!(d.wait_used(0, 4));
+    assert_eq!(d.used_elem(0, 3), (3, small.len() as u32));
+    let hdr = d
+        .mem()
+        .read_obj::<u16>(GuestAddress(Driver::rx_buf(0, 3) + 10));
+    assert_eq!(hdr.unwrap(), 1);
+    assert!(!d.needs_reset());
+}
+
+#[test]
+fn mergeable_rx_drops_a_frame_the_whole_ring_cannot_hold() {
+    let mut d = Driver::new();
+    d.start(BASE | feature::MRG_RXBUF);
+    // 16 buffers of 64 bytes: 1 KiB, less than the frame.
+    d.peer_send(&frame(&[1u8; 2000]));
+    for i in 0..QSIZE {
+        d.post_rx(i, 64);
+    }
+    let small = frame(b"after the drop");
+    d.peer_send(&small);
+    assert!(d.wait_used(0, 1));
+    assert_eq!(d.used_elem(0, 0), (0, small.len() as u32));
+    assert!(!d.needs_reset());
 }

@@ -6,8 +6,15 @@
 //! - A guest connection to CID 2 port `P` is connected to the Unix listener at `PATH_P`; if
 //!   nobody listens there the guest gets RST.
 //!
-//! The muxer owns an epoll set of its sockets; the device thread waits on that epoll's fd next
-//! to the queue eventfds and calls [`Muxer::process_host_events`] when it is readable.
+//! - A host client has [`CONNECT_TIMEOUT`] to send its line, and the guest as long again to
+//!   answer the REQUEST (Firecracker's 2 s): a guest that never does (nobody listens and it
+//!   stays silent, or it is busy or broken) would otherwise hold the client, and a connection
+//!   slot, forever. On expiry the client's socket is closed (it reads EOF, not `OK`) and the
+//!   guest gets RST, so a late RESPONSE finds nothing.
+//!
+//! The muxer owns an epoll set of its sockets and its timer; the device thread waits on that
+//! epoll's fd next to the queue eventfds and calls [`Muxer::process_host_events`] when it is
+//! readable.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -16,8 +23,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{Connection, State, Verdict};
 use super::packet::{HOST_CID, Header, PacketError, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
@@ -35,6 +44,10 @@ const CONTROL_HARD_MAX: usize = 2 * CONTROL_SOFT_MAX;
 /// Host-side ports for host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const LISTENER: u64 = 0;
+/// The timer's token (slot tokens count up from 1 and never get here).
+const TIMER: u64 = u64::MAX;
+/// How long a host client may take to send `CONNECT <port>\n`, and the guest to answer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A stream, named from the host's side.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -63,6 +76,16 @@ struct PendingHost {
     line: Vec<u8>,
 }
 
+/// What a deadline is for.
+#[derive(Clone, Copy, Debug)]
+enum Waiting {
+    /// The `CONNECT` line of the pending client in this slot.
+    Line(u64),
+    /// The guest's answer to the REQUEST for this host-initiated connection (and its slot
+    /// token, so a later stream that reuses the key is not mistaken for it).
+    Guest(Key, u64),
+}
+
 pub struct Muxer {
     guest_cid: u64,
     path: PathBuf,
@@ -75,6 +98,11 @@ pub struct Muxer {
     conns: HashMap<Key, (u64, Connection)>,
     control: VecDeque<Control>,
     next_local_port: u32,
+    /// Deadlines in expiry order (all are [`Muxer::connect_timeout`] long), and the timer that
+    /// fires at the first.
+    deadlines: VecDeque<(Instant, Waiting)>,
+    timer: TimerFd,
+    connect_timeout: Duration,
 }
 
 /// Binds `path`: refused if another process listens there, a stale socket file is replaced,
@@ -113,6 +141,12 @@ impl Muxer {
             listener.as_raw_fd(),
             EpollEvent::new(EventSet::IN, LISTENER),
         )?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER),
+        )?;
         Ok(Self {
             guest_cid,
             path: path.to_owned(),
@@ -124,7 +158,70 @@ impl Muxer {
             conns: HashMap::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            deadlines: VecDeque::new(),
+            timer,
+            connect_timeout: CONNECT_TIMEOUT,
         })
+    }
+
+    /// Starts the clock for `what`.
+    fn start_deadline(&mut self, what: Waiting) {
+        self.deadlines
+            .push_back((Instant::now() + self.connect_timeout, what));
+        if self.deadlines.len() == 1 {
+            self.arm_timer();
+        }
+    }
+
+    /// Arms the timer for the first deadline, or disarms it.
+    fn arm_timer(&mut self) {
+        let result = match self.deadlines.front() {
+            // A zero duration would disarm it: at least a millisecond.
+            Some((at, _)) => self.timer.reset(
+                at.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+                None,
+            ),
+            None => self.timer.clear(),
+        };
+        if let Err(e) = result {
+            tracing::warn!("vsock: connect timer: {e}");
+        }
+    }
+
+    /// Closes what waited too long: clients without their line, host-initiated connections the
+    /// guest did not answer (with RST to the guest).
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, what)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            match what {
+                Waiting::Line(token) => {
+                    if let Some(Slot::Pending(p)) = self.slots.remove(&token) {
+                        tracing::debug!("vsock: host client sent no CONNECT line in time");
+                        let _ = self.epoll.ctl(
+                            ControlOperation::Delete,
+                            p.stream.as_raw_fd(),
+                            EpollEvent::default(),
+                        );
+                    }
+                }
+                Waiting::Guest(key, token) => {
+                    let unanswered = matches!(
+                        self.conns.get(&key),
+                        Some((t, c)) if *t == token && c.state == State::LocalInit
+                    );
+                    if unanswered {
+                        tracing::debug!("vsock: guest port {} did not answer in time", key.peer);
+                        self.kill(key, true);
+                    }
+                }
+            }
+        }
+        self.arm_timer();
     }
 
     /// Readable when a host socket has something for [`Muxer::process_host_events`].
@@ -148,6 +245,8 @@ impl Muxer {
         }
         self.conns.clear();
         self.control.clear();
+        self.deadlines.clear();
+        self.arm_timer();
     }
 
     /// Whether the device should stop taking TX packets until RX drains.
@@ -303,12 +402,13 @@ impl Muxer {
         self.push_control(key, op::RESPONSE, 0);
     }
 
-    fn add_conn(&mut self, key: Key, stream: UnixStream, state: State) -> io::Result<()> {
+    /// Registers a stream; returns its slot token.
+    fn add_conn(&mut self, key: Key, stream: UnixStream, state: State) -> io::Result<u64> {
         stream.set_nonblocking(true)?;
         let token = self.register(stream.as_raw_fd(), Self::conn_events(), Slot::Conn(key))?;
         self.conns
             .insert(key, (token, Connection::new(stream, state)));
-        Ok(())
+        Ok(token)
     }
 
     /// Handles what is ready on the listener and the host sockets (without blocking).
@@ -327,6 +427,7 @@ impl Muxer {
             let set = ev.event_set();
             match ev.data() {
                 LISTENER => self.accept(),
+                TIMER => self.expire(),
                 token => match self.slots.get(&token) {
                     Some(Slot::Pending(_)) => self.read_connect_line(token),
                     Some(Slot::Conn(key)) => {
@@ -363,14 +464,13 @@ impl Muxer {
                 continue;
             }
             let fd = stream.as_raw_fd();
-            let _ = self.register(
-                fd,
-                EventSet::IN,
-                Slot::Pending(PendingHost {
-                    stream,
-                    line: Vec::new(),
-                }),
-            );
+            let pending = Slot::Pending(PendingHost {
+                stream,
+                line: Vec::new(),
+            });
+            if let Ok(token) = self.register(fd, EventSet::IN, pending) {
+                self.start_deadline(Waiting::Line(token));
+            }
         }
     }
 
@@ -410,8 +510,9 @@ impl Muxer {
             return;
         };
         let key = Key { local, peer: port };
-        if self.add_conn(key, p.stream, State::LocalInit).is_ok() {
+        if let Ok(token) = self.add_conn(key, p.stream, State::LocalInit) {
             self.push_control(key, op::REQUEST, 0);
+            self.start_deadline(Waiting::Guest(key, token));
         }
     }
 
@@ -579,6 +680,102 @@ mod tests {
         // A regular file is not ours to remove.
         std::fs::write(&path, b"x").unwrap();
         assert!(Muxer::bind(3, &path).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Pumps host events until `done` (at most 5 s).
+    fn pump(m: &mut Muxer, mut done: impl FnMut(&mut Muxer) -> bool) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            m.process_host_events();
+            if done(m) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    fn guest_header(m: &Muxer, key: Key, op: u16) -> Header {
+        Header {
+            src_cid: m.guest_cid,
+            dst_cid: HOST_CID,
+            src_port: key.peer,
+            dst_port: key.local,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 1 << 16,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_connect_the_guest_never_answers_is_closed_after_the_timeout() {
+        let dir = std::env::temp_dir().join(format!("hp-vsock-timeout-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("v.sock");
+        let mut m = Muxer::bind(3, &path).unwrap();
+        m.connect_timeout = Duration::from_millis(200);
+
+        let mut silent = UnixStream::connect(&path).unwrap();
+        silent.write_all(b"CONNECT 5000\n").unwrap();
+        let mut answered = UnixStream::connect(&path).unwrap();
+        answered.write_all(b"CONNECT 5001\n").unwrap();
+        let mut no_line = UnixStream::connect(&path).unwrap();
+        no_line.write_all(b"CONN").unwrap();
+        let started = Instant::now();
+
+        let mut requests = Vec::new();
+        assert!(pump(&mut m, |m| {
+            while let Some((h, _)) = m.next_rx(&mut []) {
+                requests.push(h);
+            }
+            requests.len() == 2
+        }));
+        assert!(requests.iter().all(|h| h.op == op::REQUEST));
+        let key_of = |port: u32| {
+            let h = requests.iter().find(|h| h.dst_port == port).unwrap();
+            Key {
+                local: h.src_port,
+                peer: port,
+            }
+        };
+        let (silent_key, answered_key) = (key_of(5000), key_of(5001));
+        m.handle_tx(&guest_header(&m, answered_key, op::RESPONSE), &[]);
+
+        // Nothing for the guest until the timeout; then RST for the silent one only.
+        let mut rst = None;
+        assert!(pump(&mut m, |m| {
+            rst = m.next_rx(&mut []);
+            rst.is_some()
+        }));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        let rst = rst.unwrap();
+        assert_eq!(rst.0.op, op::RST);
+        assert_eq!((rst.0.src_port, rst.0.dst_port), (silent_key.local, 5000));
+        assert!(pump(&mut m, |m| m.deadlines.is_empty()));
+        assert!(m.next_rx(&mut []).is_none(), "no RST for the answered one");
+
+        // The silent one's client reads EOF, not OK; so does the one without a line.
+        let mut buf = [0u8; 32];
+        for client in [&mut silent, &mut no_line] {
+            client
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            assert_eq!(client.read(&mut buf).unwrap(), 0);
+        }
+        // The answered one is established and stays so.
+        answered
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let n = answered.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("OK {}\n", answered_key.local).as_bytes());
+        assert!(m.conns.contains_key(&answered_key));
+
+        // A late RESPONSE for the expired stream is answered with RST.
+        m.handle_tx(&guest_header(&m, silent_key, op::RESPONSE), &[]);
+        assert_eq!(m.next_rx(&mut []).unwrap().0.op, op::RST);
+        drop(m);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
