@@ -9,6 +9,7 @@
 #[cfg(feature = "client")]
 pub mod client;
 mod defaults;
+pub mod pool;
 mod vm_config;
 mod vm_info;
 

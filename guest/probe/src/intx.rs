@@ -15,10 +15,10 @@
 //! because of the red zone. The check loads its own copy of the IDT and puts the original
 //! back, masks the PIC, and leaves the IOAPIC entry masked and the timer stopped.
 
+use crate::apic::{IoApic, Mmio, RTE_MASKED, io_apic};
 use crate::pci::{self, Ecam};
 use crate::time;
 use crate::virtio::{self, ProbeHal};
-use ::acpi::madt::{Madt, MadtEntry};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -51,7 +51,6 @@ const LVT_PERIODIC: u32 = 1 << 17;
 const TIMER_COUNT: u32 = 1_000_000;
 /// Redirection entry: level-triggered (bit 15), active-low (bit 13), physical, fixed.
 const RTE_LEVEL_LOW: u32 = (1 << 15) | (1 << 13);
-const RTE_MASKED: u32 = 1 << 16;
 const CONFIG_INTERRUPT: u8 = 0x3c;
 const CONFIG_COMMAND: u8 = 0x04;
 const COMMAND_INTX_DISABLE: u32 = 1 << 10;
@@ -97,62 +96,6 @@ unsafe extern "C" {
     fn intx_isr_device();
     fn intx_isr_timer();
     fn intx_isr_spurious();
-}
-
-struct Mmio(u64);
-
-impl Mmio {
-    fn read(&self, reg: u64) -> u32 {
-        // SAFETY: APIC registers are identity-mapped MMIO (below the 64 GiB map); 32-bit access.
-        unsafe { ((self.0 + reg) as *const u32).read_volatile() }
-    }
-    fn write(&self, reg: u64, v: u32) {
-        // SAFETY: as for `read`; callers write architecturally defined values.
-        unsafe { ((self.0 + reg) as *mut u32).write_volatile(v) }
-    }
-}
-
-struct IoApic {
-    regs: Mmio,
-    gsi_base: u32,
-}
-
-impl IoApic {
-    fn read(&self, index: u32) -> u32 {
-        self.regs.write(0x00, index);
-        self.regs.read(0x10)
-    }
-    fn write(&self, index: u32, v: u32) {
-        self.regs.write(0x00, index);
-        self.regs.write(0x10, v);
-    }
-    /// The redirection entry index of `gsi`, if this IOAPIC has that input.
-    fn pin(&self, gsi: u32) -> Option<u32> {
-        let entries = ((self.read(1) >> 16) & 0xff) + 1;
-        gsi.checked_sub(self.gsi_base).filter(|&p| p < entries)
-    }
-    fn route(&self, pin: u32, low: u32, dest: u32) {
-        self.write(0x10 + 2 * pin, RTE_MASKED);
-        self.write(0x11 + 2 * pin, dest << 24);
-        self.write(0x10 + 2 * pin, low);
-    }
-}
-
-fn io_apic(rsdp: u64) -> Result<IoApic, String> {
-    let tables = crate::acpi::tables(rsdp)?;
-    let madt = tables
-        .find_table::<Madt>()
-        .map_err(|e| format!("no MADT: {e:?}"))?;
-    for entry in madt.get().entries() {
-        if let MadtEntry::IoApic(e) = entry {
-            let (addr, base) = (e.io_apic_address, e.global_system_interrupt_base);
-            return Ok(IoApic {
-                regs: Mmio(u64::from(addr)),
-                gsi_base: base,
-            });
-        }
-    }
-    Err("no IOAPIC in the MADT".into())
 }
 
 /// The probe's IDT with the check's three vectors added, and the one to put back.

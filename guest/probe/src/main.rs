@@ -8,6 +8,7 @@
 extern crate alloc;
 
 mod acpi;
+mod apic;
 mod blk;
 mod boot;
 mod builtins;
@@ -16,6 +17,7 @@ mod console;
 mod cpu;
 mod end;
 mod heap;
+mod idle;
 mod intx;
 mod mem;
 mod net;
@@ -82,6 +84,7 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "vsock-listen" => vsock::listen_check(si.rsdp_paddr),
         "console" => console::check(si.rsdp_paddr),
         "intx" => intx::check(si.rsdp_paddr),
+        "idle" => idle::run(si.rsdp_paddr),
         _ => Err("unknown check".into()),
     }
 }

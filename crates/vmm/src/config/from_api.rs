@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use hyperpool_api as api;
 
-use super::parse::{disk_queues, disk_serial, parse_mac};
+use super::parse::{disk_queues, disk_serial, net_queues, parse_mac};
 use super::{
     ConsoleConfig, CpusConfig, DiskConfig, DiskFormat, MemoryConfig, NetConfig, OnReboot,
     SerialConfig, VmConfig, VsockConfig,
@@ -112,16 +112,10 @@ fn net(n: &api::NetConfig) -> Result<NetConfig, String> {
         .clone()
         .ok_or("tap is required (Hyperpool does not pick TAP names)")?;
     hyperpool_devices::virtio::net::tap::check_name(&tap)?;
-    let num_queues = n.num_queues.unwrap_or(2);
-    if num_queues != 2 {
-        return Err(format!(
-            "num_queues={num_queues}: only 2 (one RX/TX pair) is supported"
-        ));
-    }
     Ok(NetConfig {
         tap,
         mac: n.mac.as_deref().map(parse_mac).transpose()?,
-        num_queues,
+        num_queues: net_queues(n.num_queues.unwrap_or(2))?,
     })
 }
 

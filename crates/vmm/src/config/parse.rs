@@ -172,20 +172,25 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
             "num_queues" => {
                 cfg.num_queues = v
                     .parse::<u16>()
-                    .ok()
-                    .filter(|n| n % 2 == 0 && (2..=MAX_NET_QUEUES).contains(n))
-                    .ok_or_else(|| {
-                        format!(
-                            "net: num_queues='{v}' is not an even number from 2 to \
-                             {MAX_NET_QUEUES} (an RX and a TX queue per pair)"
-                        )
-                    })?
+                    .map_err(|_| format!("net: num_queues='{v}' is not a number"))
+                    .and_then(net_queues)?
             }
             _ => return Err(unknown("net", k, "tap, mac, num_queues")),
         }
     }
     cfg.tap = tap.ok_or("net: tap=NAME is required")?;
     Ok(cfg)
+}
+
+/// A net device's number of queues, checked: an RX and a TX queue per pair.
+pub(super) fn net_queues(n: u16) -> Result<u16, String> {
+    if n % 2 == 0 && (2..=MAX_NET_QUEUES).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "net: num_queues={n} is not an even number from 2 to {MAX_NET_QUEUES} (an RX and a TX queue per pair)"
+        ))
+    }
 }
 
 /// `aa:bb:cc:dd:ee:ff` (or with `-`): a unicast MAC other than all zeroes.
@@ -326,7 +331,7 @@ mod tests {
             ("tap=t,num_queues=3", "not an even number from 2 to 32"),
             ("tap=t,num_queues=0", "not an even number"),
             ("tap=t,num_queues=34", "not an even number"),
-            ("tap=t,num_queues=-2", "not an even number"),
+            ("tap=t,num_queues=-2", "is not a number"),
             ("tap=t,vhost=on", "unknown net key 'vhost'"),
         ] {
             let e = parse_net(bad).unwrap_err();

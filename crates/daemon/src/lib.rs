@@ -1,0 +1,2 @@
+//! The Hyperpool pool daemon (`hyperpool serve`).
+mod store;

@@ -1,0 +1,176 @@
+//! The `idle` check: the probe stays up the way a server guest does — halted with interrupts on —
+//! so many of them cost the host nothing while they wait. It answers a line `ping` on COM1 with
+//! `pong`, and powers off when the ACPI power button is pressed. It never returns.
+//!
+//! COM1's receive interrupt (ISA IRQ 4) and the power button's Generic Event Device (GSI 5,
+//! event register at 0xFEB0_0000: Hyperpool's layout, as the DSDT's `GED_` says) are routed
+//! through the IOAPIC, edge-triggered and active-high like ISA interrupts. The handlers only
+//! count and EOI; the main loop does the work between `hlt`s. They run on IST1 because of the
+//! red zone.
+
+use crate::apic::{Mmio, io_apic};
+use crate::println;
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::VirtAddr;
+use x86_64::instructions::port::Port;
+use x86_64::registers::model_specific::Msr;
+use x86_64::structures::idt::InterruptDescriptorTable;
+
+const VEC_SERIAL: u8 = 0x50;
+const VEC_GED: u8 = 0x51;
+const VEC_SPURIOUS: u8 = 0xff;
+const COM1_GSI: u32 = 4;
+const GED_GSI: u32 = 5;
+const GED_EVENTS: u64 = 0xfeb0_0000;
+const GED_POWER_BUTTON: u32 = 1;
+const IA32_APIC_BASE: u32 = 0x1b;
+const APIC_ID: u64 = 0x20;
+const APIC_EOI: u64 = 0xb0;
+const APIC_SVR: u64 = 0xf0;
+const COM1: u16 = 0x3f8;
+const UART_IER: u16 = 1;
+const UART_MCR: u16 = 4;
+const UART_LSR: u16 = 5;
+const IER_RX_AVAILABLE: u8 = 1;
+/// OUT2 gates a PC UART's interrupt line.
+const MCR_OUT2: u8 = 1 << 3;
+const LSR_DATA_READY: u8 = 1;
+const MAX_LINE: usize = 128;
+
+static SERIAL_IRQS: AtomicU64 = AtomicU64::new(0);
+static GED_IRQS: AtomicU64 = AtomicU64::new(0);
+static EOI_ADDR: AtomicU64 = AtomicU64::new(0);
+
+core::arch::global_asm!(
+    r#"
+    .pushsection .text.idle_isr, "ax"
+idle_isr_serial:
+    lock incq {serial}(%rip)
+    jmp idle_isr_eoi
+idle_isr_ged:
+    lock incq {ged}(%rip)
+idle_isr_eoi:
+    pushq %rax
+    movq {eoi}(%rip), %rax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+idle_isr_spurious:
+    iretq
+    .popsection
+"#,
+    serial = sym SERIAL_IRQS,
+    ged = sym GED_IRQS,
+    eoi = sym EOI_ADDR,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn idle_isr_serial();
+    fn idle_isr_ged();
+    fn idle_isr_spurious();
+}
+
+fn port(offset: u16) -> Port<u8> {
+    Port::new(COM1 + offset)
+}
+
+/// Sets everything up, says `PROBE idle ready`, then serves until the power button.
+pub fn run(rsdp: u64) -> Result<String, String> {
+    x86_64::instructions::interrupts::disable();
+    // SAFETY: reading IA32_APIC_BASE has no side effects.
+    let apic_base = unsafe { Msr::new(IA32_APIC_BASE).read() } & 0xf_ffff_f000;
+    let lapic = Mmio(apic_base);
+    let ioapic = io_apic(rsdp)?;
+    let pins = [COM1_GSI, GED_GSI].map(|gsi| ioapic.pin(gsi));
+    let [Some(serial_pin), Some(ged_pin)] = pins else {
+        return Err(format!("GSIs {COM1_GSI}/{GED_GSI} are not IOAPIC inputs"));
+    };
+    // SAFETY: OCW1 on the PICs' data ports: mask every input (the IOAPIC delivers instead).
+    unsafe {
+        Port::<u8>::new(0x21).write(0xff);
+        Port::<u8>::new(0xa1).write(0xff);
+    }
+    install_idt()?;
+    EOI_ADDR.store(apic_base + APIC_EOI, Ordering::SeqCst);
+    lapic.write(
+        APIC_SVR,
+        (lapic.read(APIC_SVR) & !0xff) | 0x100 | u32::from(VEC_SPURIOUS),
+    );
+    let me = lapic.read(APIC_ID) >> 24;
+    // Edge-triggered, active-high, fixed delivery, physical destination: the ISA defaults.
+    ioapic.route(serial_pin, u32::from(VEC_SERIAL), me);
+    ioapic.route(ged_pin, u32::from(VEC_GED), me);
+    // SAFETY: 16550 registers: enable the receive interrupt and its output gate.
+    unsafe {
+        port(UART_IER).write(IER_RX_AVAILABLE);
+        let mcr = port(UART_MCR).read();
+        port(UART_MCR).write(mcr | MCR_OUT2);
+    }
+    let ged = Mmio(GED_EVENTS);
+    println!("PROBE idle ready");
+
+    let mut line = [0u8; MAX_LINE];
+    let mut len = 0;
+    loop {
+        // SAFETY: handlers for every vector that can arrive are installed; `sti` takes effect
+        // after `hlt` starts, so an interrupt pending since the last pass still wakes it.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        // SAFETY: reading the 16550's status and data registers.
+        while unsafe { port(UART_LSR).read() } & LSR_DATA_READY != 0 {
+            // SAFETY: as above.
+            let byte = unsafe { port(0).read() };
+            match byte {
+                b'\r' | b'\n' => {
+                    if &line[..len] == b"ping" {
+                        println!("pong");
+                    }
+                    len = 0;
+                }
+                _ if len < MAX_LINE => {
+                    line[len] = byte;
+                    len += 1;
+                }
+                _ => {}
+            }
+        }
+        if GED_IRQS.load(Ordering::SeqCst) > 0 && ged.read(0) & GED_POWER_BUTTON != 0 {
+            println!("PROBE idle power-button");
+            return Ok(format!(
+                "serial_irqs={} ged_irqs={}",
+                SERIAL_IRQS.load(Ordering::SeqCst),
+                GED_IRQS.load(Ordering::SeqCst)
+            ));
+        }
+    }
+}
+
+/// The probe's IDT plus this check's vectors; never restored (the check does not return to
+/// other checks' interrupt-free world except to power off).
+fn install_idt() -> Result<(), String> {
+    let old = x86_64::instructions::tables::sidt();
+    if usize::from(old.limit) + 1 != core::mem::size_of::<InterruptDescriptorTable>() {
+        return Err(format!("loaded IDT has limit {:#x}", old.limit));
+    }
+    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied.
+    let copy = unsafe { core::ptr::read(old.base.as_ptr::<InterruptDescriptorTable>()) };
+    let idt: &'static mut InterruptDescriptorTable = Box::leak(Box::new(copy));
+    for (vector, handler) in [
+        (VEC_SERIAL, idle_isr_serial as *const () as u64),
+        (VEC_GED, idle_isr_ged as *const () as u64),
+        (VEC_SPURIOUS, idle_isr_spurious as *const () as u64),
+    ] {
+        // SAFETY: each stub is an interrupt entry point ending in iretq that preserves every
+        // register; IST index 0 (IST1) is set up in cpu.rs.
+        unsafe {
+            idt[vector]
+                .set_handler_addr(VirtAddr::new(handler))
+                .set_stack_index(0);
+        }
+    }
+    idt.load();
+    Ok(())
+}
