@@ -136,26 +136,7 @@ impl Server {
         mem: &Arc<GuestMemoryMmap>,
         interrupt: &DeviceInterrupt,
     ) -> Result<(), QueueError> {
-        let mut used = false;
-        let QueueState { queue, ring, .. } = q;
-        if let Some(ring) = ring {
-            let mut failed = None;
-            ring.reap(|c| {
-                if failed.is_none() {
-                    match put_used(queue, mem, c.head, c.status, c.outcome) {
-                        Ok(()) => used = true,
-                        Err(e) => failed = Some(e),
-                    }
-                }
-            })
-            .map_err(QueueError::Uring)?;
-            if let Some(e) = failed {
-                return Err(e);
-            }
-        }
-        if q.throttled && q.ring.as_ref().is_some_and(|r| !r.is_full()) {
-            self.take_requests(q, mem, &mut used)?;
-        }
+        let used = reap(q, mem)?;
         self.finish(q, mem, interrupt, used)
     }
 
@@ -164,14 +145,26 @@ impl Server {
     fn finish(
         &mut self,
         q: &mut QueueState,
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         interrupt: &DeviceInterrupt,
-        used: bool,
+        mut used: bool,
     ) -> Result<(), QueueError> {
-        if let Some(ring) = &mut q.ring {
+        while let Some(ring) = &mut q.ring {
             ring.submit().map_err(QueueError::Uring)?;
+            // Page-cache hits complete during the submit: hand them back in this step rather
+            // than after another wake-up of the thread (hence the eventfd is cleared first; a
+            // completion after that raises it again).
+            ring.clear_completion_event();
+            used |= reap(q, mem)?;
+            // Room again for chains that waited: take them now, as their wake-up was cleared.
+            if q.throttled && q.ring.as_ref().is_some_and(|r| !r.is_full()) {
+                self.take_requests(q, mem, &mut used)?;
+                continue;
+            }
+            submit(q)?;
+            break;
         }
-        if used && q.queue.needs_notification(mem)? {
+        if used && q.queue.needs_notification(mem.as_ref())? {
             if let Err(e) = interrupt.signal_queue(q.index) {
                 tracing::warn!("virtio-blk: interrupt: {e}");
             }
@@ -441,6 +434,33 @@ impl Server {
             }
         }
         (status::OK, 0)
+    }
+}
+
+/// Puts the requests that queue `q`'s ring has finished in the used ring; true if any.
+fn reap(q: &mut QueueState, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    let QueueState { queue, ring, .. } = q;
+    let Some(ring) = ring else {
+        return Ok(false);
+    };
+    let mut used = false;
+    let mut failed = None;
+    ring.reap(|c| {
+        if failed.is_none() {
+            match put_used(queue, mem, c.head, c.status, c.outcome) {
+                Ok(()) => used = true,
+                Err(e) => failed = Some(e),
+            }
+        }
+    })
+    .map_err(QueueError::Uring)?;
+    failed.map_or(Ok(used), Err)
+}
+
+fn submit(q: &mut QueueState) -> Result<(), QueueError> {
+    match &mut q.ring {
+        Some(ring) => ring.submit().map_err(QueueError::Uring),
+        None => Ok(()),
     }
 }
 

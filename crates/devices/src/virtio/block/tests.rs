@@ -1,7 +1,9 @@
 //! virtio-blk against a temporary raw image, driven by a test driver that lays requests out in
-//! split rings in guest memory as a guest would, and notifies through the queue eventfds.
+//! split rings in guest memory as a guest would, and notifies through the queue eventfds. Most
+//! tests run on both I/O engines (io_uring and synchronous).
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,23 +14,37 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Block, DiskError, RawFile, feature, serial_for, status};
+use super::{Block, DiskError, IoEngine, RawFile, feature, serial_for, status};
 use crate::virtio::interrupt::DeviceInterrupt;
 use crate::virtio::{ActivatedQueue, VirtioDevice, VirtioInterrupt, features};
 
-const MEM_SIZE: usize = 1 << 20;
-const QSIZE: u16 = 16;
+const MEM_SIZE: usize = 4 << 20;
+const QSIZE: u16 = 128;
 const DISK_SIZE: u64 = 1 << 20;
 const HDR: u64 = 0x80000;
 const STATUS: u64 = 0x81000;
 const DATA: u64 = 0x90000;
+/// Batches: request `i` has its header at `BATCH_HDR + 16 i`, its status byte at
+/// `BATCH_STATUS + i`, its data at `BATCH_DATA + BATCH_STRIDE i`, and descriptors `3 i..3 i + 2`.
+const BATCH_HDR: u64 = 0x84000;
+const BATCH_STATUS: u64 = 0x86000;
+const BATCH_DATA: u64 = 0x100000;
+const BATCH_STRIDE: u64 = 0x10000;
+const BATCH_MAX: usize = 32;
 const TIMEOUT: Duration = Duration::from_secs(5);
+const ENGINES: [IoEngine; 2] = [IoEngine::Uring, IoEngine::Sync];
 
-struct NoIrq;
-impl VirtioInterrupt for NoIrq {
+/// Counts interrupts on an eventfd, so a driver can sleep until the device signals.
+struct EventIrq(EventFd);
+impl VirtioInterrupt for EventIrq {
     fn trigger(&self, _vector: u16) -> std::io::Result<()> {
-        Ok(())
+        self.0.write(1)
     }
+}
+
+/// Whether this kernel lets us use io_uring (else the Uring engine falls back, as designed).
+fn uring_available() -> bool {
+    io_uring::IoUring::new(2).is_ok()
 }
 
 /// Ring addresses of queue `q`.
@@ -37,10 +53,20 @@ fn rings(q: usize) -> (u64, u64, u64) {
     (base, base + 0x1000, base + 0x2000)
 }
 
+/// One request of a batch: type, sector, data length (0: none).
+#[derive(Clone, Copy)]
+struct Req {
+    t: u32,
+    sector: u64,
+    len: u32,
+}
+
 struct Driver {
     dev: Block,
+    expect: IoEngine,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     irq: DeviceInterrupt,
+    irq_event: EventFd,
     events: Vec<EventFd>,
     avail: Vec<u16>,
     image: tempfile::NamedTempFile,
@@ -55,18 +81,51 @@ fn image() -> tempfile::NamedTempFile {
 
 impl Driver {
     fn new(readonly: bool, num_queues: u16) -> Self {
-        Self::with_image(image(), readonly, num_queues)
+        Self::on(IoEngine::Uring, readonly, num_queues)
     }
 
-    fn with_image(image: tempfile::NamedTempFile, readonly: bool, num_queues: u16) -> Self {
-        let dev = Block::open_raw(image.path(), readonly, num_queues, Some("test-disk")).unwrap();
+    fn on(engine: IoEngine, readonly: bool, num_queues: u16) -> Self {
+        Self::with_image(image(), engine, readonly, num_queues)
+    }
+
+    fn with_image(
+        image: tempfile::NamedTempFile,
+        engine: IoEngine,
+        readonly: bool,
+        num_queues: u16,
+    ) -> Self {
+        let dev = Block::open_raw(image.path(), readonly, num_queues, Some("test-disk"))
+            .unwrap()
+            .with_io_engine(engine);
+        // The engine asked for is the one serving, unless the kernel refuses io_uring.
+        let expect = match engine {
+            IoEngine::Uring if !uring_available() => IoEngine::Sync,
+            e => e,
+        };
+        Self::with_block(dev, expect, image, num_queues)
+    }
+
+    /// Drives `dev`, which must run on engine `expect`; `image` is its image file.
+    fn with_block(
+        dev: Block,
+        expect: IoEngine,
+        image: tempfile::NamedTempFile,
+        num_queues: u16,
+    ) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mem = GuestMemoryAtomic::new(mem);
-        let irq = DeviceInterrupt::new("blk-test", usize::from(num_queues), Arc::new(NoIrq));
+        let irq_event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = DeviceInterrupt::new(
+            "blk-test",
+            usize::from(num_queues),
+            Arc::new(EventIrq(irq_event.try_clone().unwrap())),
+        );
         let mut d = Self {
             dev,
+            expect,
             mem,
             irq,
+            irq_event,
             events: Vec::new(),
             avail: vec![0; usize::from(num_queues)],
             image,
@@ -86,6 +145,7 @@ impl Driver {
             q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
             q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
             q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+            q.set_event_idx(feats & features::RING_EVENT_IDX != 0);
             q.set_ready(true);
             let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             self.events.push(event.try_clone().unwrap());
@@ -98,6 +158,7 @@ impl Driver {
         self.dev
             .activate(self.mem.clone(), feats, queues, self.irq.clone())
             .unwrap();
+        assert_eq!(self.dev.io_engine(), Some(self.expect));
     }
 
     fn mem(&self) -> impl std::ops::Deref<Target = GuestMemoryMmap> {
@@ -119,6 +180,40 @@ impl Driver {
         self.mem().read_obj(GuestAddress(rings(q).2 + 2)).unwrap()
     }
 
+    /// Used ring entry `n` (counting from the ring's start) of queue `q`: (head, length).
+    fn used_entry(&self, q: usize, n: u16) -> (u16, u32) {
+        let at = rings(q).2 + 4 + 8 * u64::from(n % QSIZE);
+        let id: u32 = self.mem().read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem().read_obj(GuestAddress(at + 4)).unwrap();
+        (id as u16, len)
+    }
+
+    /// Makes the chain at `head` available on queue `q` (without notifying).
+    fn post(&mut self, q: usize, head: u16) {
+        let avail = rings(q).1;
+        let slot = self.avail[q] % QSIZE;
+        self.mem()
+            .write_obj(head, GuestAddress(avail + 4 + 2 * u64::from(slot)))
+            .unwrap();
+        self.avail[q] = self.avail[q].wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem()
+            .write_obj(self.avail[q], GuestAddress(avail + 2))
+            .unwrap();
+    }
+
+    /// Waits until queue `q` has used everything made available; false on timeout or reset.
+    fn wait_all_used(&self, q: usize) -> bool {
+        let start = Instant::now();
+        while self.used_idx(q) != self.avail[q] {
+            if start.elapsed() > TIMEOUT || self.irq.needs_reset() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
     /// Submits the chain `descs` (`(addr, len, writable)`) on queue `q` and waits for it to be
     /// used; returns (status byte at STATUS, used length), or None if it never completed.
     fn submit_on(&mut self, q: usize, descs: &[(u64, u32, bool)]) -> Option<(u8, u32)> {
@@ -130,30 +225,98 @@ impl Driver {
             }
             self.write_desc(q, i as u16, addr, len, flags, i as u16 + 1);
         }
-        let (_, avail, used) = rings(q);
-        let slot = self.avail[q] % QSIZE;
-        self.mem()
-            .write_obj(0u16, GuestAddress(avail + 4 + 2 * u64::from(slot)))
-            .unwrap();
-        self.avail[q] = self.avail[q].wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem()
-            .write_obj(self.avail[q], GuestAddress(avail + 2))
-            .unwrap();
+        self.post(q, 0);
         self.events[q].write(1).unwrap();
-        let start = Instant::now();
-        while self.used_idx(q) != self.avail[q] {
-            if start.elapsed() > TIMEOUT || self.irq.needs_reset() {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        if !self.wait_all_used(q) {
+            return None;
         }
-        let used_len: u32 = self
-            .mem()
-            .read_obj(GuestAddress(used + 4 + 8 * u64::from(slot) + 4))
-            .unwrap();
+        let (_, used_len) = self.used_entry(q, self.avail[q].wrapping_sub(1));
         let status: u8 = self.mem().read_obj(GuestAddress(STATUS)).unwrap();
         Some((status, used_len))
+    }
+
+    /// Lays out batch request `i` (see BATCH_*) as chain `3 i` on queue `q`, status 0xff.
+    fn prepare(&self, q: usize, i: usize, r: Req) -> u16 {
+        assert!(i < BATCH_MAX);
+        let m = self.mem();
+        let hdr = BATCH_HDR + 16 * i as u64;
+        m.write_obj(r.t, GuestAddress(hdr)).unwrap();
+        m.write_obj(0u32, GuestAddress(hdr + 4)).unwrap();
+        m.write_obj(r.sector, GuestAddress(hdr + 8)).unwrap();
+        m.write_obj(0xffu8, GuestAddress(BATCH_STATUS + i as u64))
+            .unwrap();
+        let head = 3 * i as u16;
+        let status = BATCH_STATUS + i as u64;
+        if r.len == 0 {
+            self.write_desc(q, head, hdr, 16, VRING_DESC_F_NEXT, head + 2);
+        } else {
+            let write = if r.t == b::VIRTIO_BLK_T_IN {
+                VRING_DESC_F_WRITE
+            } else {
+                0
+            };
+            self.write_desc(q, head, hdr, 16, VRING_DESC_F_NEXT, head + 1);
+            self.write_desc(
+                q,
+                head + 1,
+                batch_data(i),
+                r.len,
+                write | VRING_DESC_F_NEXT,
+                head + 2,
+            );
+        }
+        self.write_desc(q, head + 2, status, 1, VRING_DESC_F_WRITE, 0);
+        head
+    }
+
+    /// Makes every request of `reqs` available on queue `q` at once, notifies once, and waits
+    /// for all; returns the heads in the order they were used, with their used lengths.
+    fn batch(&mut self, q: usize, reqs: &[Req]) -> Option<Vec<(u16, u32)>> {
+        let first = self.avail[q];
+        for (i, &r) in reqs.iter().enumerate() {
+            let head = self.prepare(q, i, r);
+            self.post(q, head);
+        }
+        self.events[q].write(1).unwrap();
+        if !self.wait_all_used(q) {
+            return None;
+        }
+        Some(
+            (0..reqs.len() as u16)
+                .map(|n| self.used_entry(q, first.wrapping_add(n)))
+                .collect(),
+        )
+    }
+
+    /// Interrupts since the last call.
+    fn interrupts(&self) -> u64 {
+        self.irq_event.read().unwrap_or(0)
+    }
+
+    /// Sleeps until the device interrupts (or a second passes).
+    fn wait_interrupt(&self) {
+        let mut fd = libc::pollfd {
+            fd: self.irq_event.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `fd` is one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut fd, 1, 1000) };
+        let _ = self.irq_event.read();
+    }
+
+    fn batch_status(&self, i: usize) -> u8 {
+        self.mem()
+            .read_obj(GuestAddress(BATCH_STATUS + i as u64))
+            .unwrap()
+    }
+
+    fn batch_data(&self, i: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem()
+            .read_slice(&mut v, GuestAddress(batch_data(i)))
+            .unwrap();
+        v
     }
 
     fn header(&self, t: u32, sector: u64) {
@@ -216,6 +379,10 @@ impl Driver {
     }
 }
 
+fn batch_data(i: usize) -> u64 {
+    BATCH_DATA + BATCH_STRIDE * i as u64
+}
+
 impl Drop for Driver {
     fn drop(&mut self) {
         self.dev.reset();
@@ -266,7 +433,13 @@ fn features_and_config_space() {
 
 #[test]
 fn write_flush_read_round_trip() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        write_flush_read_round_trip_on(engine);
+    }
+}
+
+fn write_flush_read_round_trip_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     d.fill(4096, 0xa5);
     assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 1, 4096), (status::OK, 1));
     assert_eq!(d.simple(b::VIRTIO_BLK_T_FLUSH), (status::OK, 1));
@@ -305,7 +478,13 @@ fn write_flush_read_round_trip() {
 
 #[test]
 fn get_id_returns_the_serial() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        get_id_returns_the_serial_on(engine);
+    }
+}
+
+fn get_id_returns_the_serial_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     d.fill(20, 0xff);
     assert_eq!(d.rw(b::VIRTIO_BLK_T_GET_ID, 0, 20), (status::OK, 21));
     let id = d.data(20);
@@ -325,7 +504,13 @@ fn get_id_returns_the_serial() {
 
 #[test]
 fn discard_and_write_zeroes() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        discard_and_write_zeroes_on(engine);
+    }
+}
+
+fn discard_and_write_zeroes_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     d.image.as_file().write_all_at(&[0x5a; 16384], 0).unwrap();
     // Write zeroes over sectors 2..6, with and without unmap.
     assert_eq!(
@@ -372,9 +557,15 @@ fn discard_and_write_zeroes() {
 
 #[test]
 fn readonly_refuses_writes() {
+    for engine in ENGINES {
+        readonly_refuses_writes_on(engine);
+    }
+}
+
+fn readonly_refuses_writes_on(engine: IoEngine) {
     let img = image();
     img.as_file().write_all_at(&[7; 512], 512).unwrap();
-    let mut d = Driver::with_image(img, true, 1);
+    let mut d = Driver::with_image(img, engine, true, 1);
     d.fill(512, 1);
     assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 1, 512).0, status::IOERR);
     assert_eq!(
@@ -393,7 +584,13 @@ fn readonly_refuses_writes() {
 
 #[test]
 fn out_of_range_and_odd_lengths_get_ioerr() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        out_of_range_and_odd_lengths_get_ioerr_on(engine);
+    }
+}
+
+fn out_of_range_and_odd_lengths_get_ioerr_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     let sectors = DISK_SIZE / 512;
     assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, sectors, 512).0, status::IOERR);
     assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, sectors - 1, 1024).0, status::IOERR);
@@ -415,7 +612,13 @@ fn out_of_range_and_odd_lengths_get_ioerr() {
 
 #[test]
 fn malformed_requests_get_ioerr() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        malformed_requests_get_ioerr_on(engine);
+    }
+}
+
+fn malformed_requests_get_ioerr_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_IN, 0);
     // Short header.
     assert_eq!(
@@ -460,8 +663,14 @@ fn malformed_requests_get_ioerr() {
 
 #[test]
 fn broken_chains_set_needs_reset() {
+    for engine in ENGINES {
+        broken_chains_set_needs_reset_on(engine);
+    }
+}
+
+fn broken_chains_set_needs_reset_on(engine: IoEngine) {
     // Status byte not writable.
-    let mut d = Driver::new(false, 1);
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_IN, 0);
     assert!(
         d.submit_on(0, &[(HDR, 16, false), (STATUS, 1, false)])
@@ -469,7 +678,7 @@ fn broken_chains_set_needs_reset() {
     );
     assert!(d.irq.needs_reset());
     // Data outside guest memory.
-    let mut d = Driver::new(false, 1);
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_IN, 0);
     assert!(
         d.submit_on(
@@ -485,7 +694,7 @@ fn broken_chains_set_needs_reset() {
     assert!(d.irq.needs_reset());
     assert_eq!(d.file(0, 512), vec![0; 512]);
     // Absurd length wrapping the address space.
-    let mut d = Driver::new(false, 1);
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_OUT, 0);
     assert!(
         d.submit_on(
@@ -500,7 +709,7 @@ fn broken_chains_set_needs_reset() {
     );
     assert!(d.irq.needs_reset());
     // A descriptor loop.
-    let mut d = Driver::new(false, 1);
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_IN, 0);
     d.write_desc(0, 0, HDR, 16, VRING_DESC_F_NEXT, 1);
     d.write_desc(0, 1, DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 0);
@@ -525,7 +734,13 @@ fn broken_chains_set_needs_reset() {
 
 #[test]
 fn every_queue_is_served() {
-    let mut d = Driver::new(false, 3);
+    for engine in ENGINES {
+        every_queue_is_served_on(engine);
+    }
+}
+
+fn every_queue_is_served_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 3);
     for q in 0..3usize {
         d.fill(512, q as u8 + 1);
         d.header(b::VIRTIO_BLK_T_OUT, q as u64);
@@ -569,4 +784,445 @@ fn writable_images_are_locked() {
         RawFile::open("/tmp".as_ref(), true),
         Err(DiskError::NotAFile { .. }) | Err(DiskError::Open { .. })
     ));
+}
+
+#[test]
+fn many_requests_in_flight_complete_out_of_order() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        for blk in 16..32u64 {
+            d.image
+                .as_file()
+                .write_all_at(&[blk as u8; 4096], blk * 4096)
+                .unwrap();
+        }
+        // 15 writes, a FLUSH, then 16 reads, all made available at once.
+        let mut reqs = Vec::new();
+        for i in 0..15 {
+            d.mem()
+                .write_slice(&[0x80 + i as u8; 4096], GuestAddress(batch_data(i)))
+                .unwrap();
+            reqs.push(Req {
+                t: b::VIRTIO_BLK_T_OUT,
+                sector: 8 * i as u64,
+                len: 4096,
+            });
+        }
+        const FLUSH: usize = 15;
+        reqs.push(Req {
+            t: b::VIRTIO_BLK_T_FLUSH,
+            sector: 0,
+            len: 0,
+        });
+        for i in 16..32 {
+            reqs.push(Req {
+                t: b::VIRTIO_BLK_T_IN,
+                sector: 8 * i as u64,
+                len: 4096,
+            });
+        }
+        let used = d.batch(0, &reqs).expect("batch not completed");
+        let mut heads: Vec<u16> = used.iter().map(|u| u.0).collect();
+        heads.sort_unstable();
+        assert_eq!(heads, (0..32).map(|i| 3 * i).collect::<Vec<u16>>());
+        let pos = |i: usize| used.iter().position(|u| u.0 == 3 * i as u16).unwrap();
+        for i in 0..32 {
+            assert_eq!(d.batch_status(i), status::OK, "{engine:?} request {i}");
+        }
+        for i in 0..15 {
+            assert_eq!(used[pos(i)].1, 1);
+            assert_eq!(d.file(4096 * i as u64, 4096), vec![0x80 + i as u8; 4096]);
+        }
+        for i in 16..32 {
+            assert_eq!(used[pos(i)].1, 4097);
+            assert_eq!(d.batch_data(i, 4096), vec![i as u8; 4096]);
+        }
+        // The flush completed after every write made available before it.
+        assert!((0..15).all(|i| pos(i) < pos(FLUSH)), "{engine:?}: {used:?}");
+        match d.expect {
+            IoEngine::Sync => assert!((0..32).all(|i| pos(i) == i), "{used:?}"),
+            // The reads after the flush did not wait for its fdatasync: they were in flight
+            // together, and completed first.
+            IoEngine::Uring => assert!((16..32).any(|i| pos(i) < pos(FLUSH)), "{used:?}"),
+        }
+        assert!(!d.irq.needs_reset());
+    }
+}
+
+#[test]
+fn writes_then_flush_then_read_back_in_one_batch() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 2);
+        // On queue 1, so the second queue's ring is used too.
+        let mut reqs = Vec::new();
+        for i in 0..8 {
+            d.mem()
+                .write_slice(&[i as u8 + 1; 8192], GuestAddress(batch_data(i)))
+                .unwrap();
+            reqs.push(Req {
+                t: b::VIRTIO_BLK_T_OUT,
+                sector: 16 * i as u64,
+                len: 8192,
+            });
+        }
+        reqs.push(Req {
+            t: b::VIRTIO_BLK_T_FLUSH,
+            sector: 0,
+            len: 0,
+        });
+        let used = d.batch(1, &reqs).expect("writes not completed");
+        assert_eq!(
+            used.last().map(|u| u.0),
+            Some(3 * 8),
+            "{engine:?}: {used:?}"
+        );
+        assert!((0..9).all(|i| d.batch_status(i) == status::OK));
+        let reads: Vec<Req> = (0..8)
+            .map(|i| Req {
+                t: b::VIRTIO_BLK_T_IN,
+                sector: 16 * (7 - i) as u64,
+                len: 8192,
+            })
+            .collect();
+        for i in 0..8 {
+            d.mem()
+                .write_slice(&[0; 8192], GuestAddress(batch_data(i)))
+                .unwrap();
+        }
+        d.batch(1, &reads).expect("reads not completed");
+        for i in 0..8 {
+            assert_eq!(d.batch_status(i), status::OK);
+            assert_eq!(d.batch_data(i, 8192), vec![8 - i as u8; 8192], "{engine:?}");
+        }
+        assert_eq!(d.file(0, 8192), vec![1; 8192]);
+    }
+}
+
+#[test]
+fn writes_are_written_through_without_flush() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        d.dev.reset();
+        d.start(d.dev.features() & !feature::FLUSH & !features::RING_EVENT_IDX);
+        d.fill(4096, 0x42);
+        assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 8, 4096), (status::OK, 1));
+        assert_eq!(d.file(4096, 4096), vec![0x42; 4096]);
+        assert_eq!(d.file(0, 4096), vec![0; 4096]);
+    }
+}
+
+#[test]
+fn a_read_past_the_end_of_a_shrunk_image_gets_ioerr() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        d.image
+            .as_file()
+            .write_all_at(&[3; 4096], DISK_SIZE - 4096)
+            .unwrap();
+        // The image is truncated under the running device: its last 4 KiB now straddle the end
+        // of the file. A read there is short (2 KiB), the rest reads nothing: IOERR, not OK.
+        d.image.as_file().set_len(DISK_SIZE - 2048).unwrap();
+        let last_4k = (DISK_SIZE - 4096) / 512;
+        assert_eq!(
+            d.rw(b::VIRTIO_BLK_T_IN, last_4k, 4096),
+            (status::IOERR, 1),
+            "{engine:?}"
+        );
+        // Entirely past the end.
+        assert_eq!(
+            d.rw(b::VIRTIO_BLK_T_IN, DISK_SIZE / 512 - 1, 512),
+            (status::IOERR, 1)
+        );
+        // What is still there reads fine.
+        d.fill(2048, 0);
+        assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, last_4k, 2048), (status::OK, 2049));
+        assert_eq!(d.data(2048), vec![3; 2048]);
+        assert!(!d.irq.needs_reset());
+    }
+}
+
+#[test]
+fn one_chain_posted_many_times_while_in_flight() {
+    // A hostile driver makes the same chain available again and again, so one buffer is the
+    // target of many reads at once and more chains arrive while the ring is full.
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        d.image.as_file().write_all_at(&[7; 4096], 0).unwrap();
+        let head = d.prepare(
+            0,
+            0,
+            Req {
+                t: b::VIRTIO_BLK_T_IN,
+                sector: 0,
+                len: 4096,
+            },
+        );
+        for _ in 0..QSIZE {
+            d.post(0, head);
+        }
+        d.events[0].write(1).unwrap();
+        // Once half are used the device has taken at least half (with io_uring: all, as it
+        // takes every chain before it reaps); post more while the rest may still run.
+        let start = Instant::now();
+        while d.used_idx(0) < QSIZE / 2 && start.elapsed() < TIMEOUT {
+            std::thread::yield_now();
+        }
+        for _ in 0..QSIZE / 2 {
+            d.post(0, head);
+        }
+        d.events[0].write(1).unwrap();
+        assert!(d.wait_all_used(0), "{engine:?}");
+        assert_eq!(d.used_idx(0), QSIZE + QSIZE / 2);
+        assert_eq!(d.batch_status(0), status::OK);
+        assert_eq!(d.batch_data(0, 4096), vec![7; 4096]);
+        assert!(!d.irq.needs_reset());
+    }
+}
+
+/// A disk in memory: a backend with no file to do direct I/O on (like qcow2).
+struct MemDisk(std::sync::Mutex<Vec<u8>>);
+
+impl super::DiskBackend for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let d = self.0.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut d = self.0.lock().unwrap();
+        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> std::io::Result<()> {
+        self.write_at(&vec![0; len as usize], offset)
+    }
+}
+
+#[test]
+fn backends_without_a_direct_file_stay_synchronous() {
+    let disk = Arc::new(MemDisk(std::sync::Mutex::new(vec![0; 64 << 10])));
+    let dev = Block::new(disk.clone(), false, 1, [0; 20]).with_io_engine(IoEngine::Uring);
+    let mut d = Driver::with_block(dev, IoEngine::Sync, image(), 1);
+    d.fill(1024, 0x11);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 4, 1024), (status::OK, 1));
+    assert_eq!(disk.0.lock().unwrap()[2048..3072], [0x11; 1024]);
+    assert_eq!(d.simple(b::VIRTIO_BLK_T_FLUSH), (status::OK, 1));
+    d.fill(1024, 0);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, 4, 1024), (status::OK, 1025));
+    assert_eq!(d.data(1024), vec![0x11; 1024]);
+}
+
+/// Runs `f` on a thread where `io_uring_setup` fails with ENOSYS, as on a kernel without
+/// io_uring or under a seccomp policy that forbids it; threads it starts inherit the filter.
+fn without_io_uring<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+        let stmt = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt,
+            jf,
+            k,
+        };
+        let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+        let ret = libc::BPF_RET | libc::BPF_K;
+        // seccomp_data: nr at offset 0, arch at 4.
+        let mut filter = [
+            stmt(load, 4),
+            jump(AUDIT_ARCH_X86_64, 0, 3),
+            stmt(load, 0),
+            jump(libc::SYS_io_uring_setup as u32, 0, 1),
+            stmt(ret, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+            stmt(ret, libc::SECCOMP_RET_ALLOW),
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_mut_ptr(),
+        };
+        // SAFETY: prctl with plain integer arguments, on this thread only.
+        assert_eq!(
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+            0
+        );
+        // SAFETY: `prog` points at `filter`, both alive for the call; the kernel copies them.
+        let r = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        assert_eq!(r, 0, "seccomp: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_kernel_refusing_io_uring_falls_back_to_synchronous_io() {
+    let mut d = without_io_uring(|| {
+        assert!(!uring_available());
+        Driver::on(IoEngine::Uring, false, 2)
+    });
+    assert_eq!(d.dev.io_engine(), Some(IoEngine::Sync));
+    d.fill(4096, 0x5c);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 2, 4096), (status::OK, 1));
+    assert_eq!(d.simple(b::VIRTIO_BLK_T_FLUSH), (status::OK, 1));
+    assert_eq!(d.file(1024, 4096), vec![0x5c; 4096]);
+    d.fill(4096, 0);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, 2, 4096), (status::OK, 4097));
+    assert_eq!(d.data(4096), vec![0x5c; 4096]);
+    // Hostile chains are still refused on this path.
+    d.header(b::VIRTIO_BLK_T_IN, 0);
+    assert!(
+        d.submit_on(0, &[(HDR, 16, false), (STATUS, 1, false)])
+            .is_none()
+    );
+    assert!(d.irq.needs_reset());
+}
+
+#[test]
+fn event_idx_suppresses_interrupts_until_the_driver_asks() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        d.dev.reset();
+        d.start(d.dev.features());
+        let _ = d.interrupts();
+        // used_event (after the avail ring): interrupt once used idx passes 2.
+        let used_event = GuestAddress(rings(0).1 + 4 + 2 * u64::from(QSIZE));
+        d.mem().write_obj(2u16, used_event).unwrap();
+        for n in 1..=4u64 {
+            assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, n, 512).0, status::OK);
+            // Completion and interrupt come from the same step of the device thread, after
+            // the used index the driver waited for: give the signal a moment.
+            std::thread::sleep(Duration::from_millis(20));
+            let expected = u64::from(n == 3);
+            assert_eq!(d.interrupts(), expected, "{engine:?} request {n}");
+        }
+    }
+}
+
+/// Random 4 KiB reads with 32 requests in flight, synchronous vs io_uring, on a 256 MiB image
+/// in `$BENCH_DIR` (default: the temp directory), with the image's page cache dropped first
+/// (`cold`: the disk's latency) and kept (`warm`: the device's own cost); five interleaved runs
+/// each, median and best printed. Run with
+/// `cargo test -p hyperpool-devices --release -- --ignored --nocapture depth_32`.
+#[test]
+#[ignore = "benchmark; prints figures"]
+fn bench_random_4k_reads_at_depth_32() {
+    const IMAGE: u64 = 256 << 20;
+    const READS: usize = 4096;
+    const DEPTH: usize = 32;
+    let dir = std::env::var_os("BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let img = tempfile::NamedTempFile::new_in(&dir).unwrap();
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 + 1) as u8).collect();
+    for off in (0..IMAGE).step_by(chunk.len()) {
+        img.as_file().write_all_at(&chunk, off).unwrap();
+    }
+    img.as_file().sync_all().unwrap();
+    // A fixed pseudo-random sequence of 4 KiB blocks (xorshift), the same for every run.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let sectors: Vec<u64> = (0..READS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % (IMAGE / 4096)) * 8
+        })
+        .collect();
+    const RUNS: usize = 5;
+    let mut times = vec![Vec::new(); 4];
+    for _ in 0..RUNS {
+        for (n, (cold, engine)) in [
+            (true, IoEngine::Uring),
+            (true, IoEngine::Sync),
+            (false, IoEngine::Uring),
+            (false, IoEngine::Sync),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if cold {
+                // SAFETY: posix_fadvise on a file descriptor we own; no memory is involved.
+                let r = unsafe {
+                    libc::posix_fadvise(img.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+                };
+                assert_eq!(r, 0);
+            }
+            let dev = Block::open_raw(img.path(), true, 1, None)
+                .unwrap()
+                .with_io_engine(engine);
+            let expect = match engine {
+                IoEngine::Uring if !uring_available() => IoEngine::Sync,
+                e => e,
+            };
+            let mut d = Driver::with_block(dev, expect, image(), 1);
+            let read = |n: usize| Req {
+                t: b::VIRTIO_BLK_T_IN,
+                sector: sectors[n],
+                len: 4096,
+            };
+            let start = Instant::now();
+            let mut next = 0;
+            for i in 0..DEPTH {
+                let head = d.prepare(0, i, read(next));
+                d.post(0, head);
+                next += 1;
+            }
+            d.events[0].write(1).unwrap();
+            let (mut seen, mut done) = (0u16, 0usize);
+            while done < READS {
+                let used = d.used_idx(0);
+                if used == seen {
+                    assert!(!d.irq.needs_reset());
+                    d.wait_interrupt();
+                    continue;
+                }
+                while seen != used {
+                    let (head, len) = d.used_entry(0, seen);
+                    seen = seen.wrapping_add(1);
+                    done += 1;
+                    let i = usize::from(head / 3);
+                    assert_eq!((d.batch_status(i), len), (status::OK, 4097));
+                    if next < READS {
+                        let head = d.prepare(0, i, read(next));
+                        d.post(0, head);
+                        next += 1;
+                    }
+                }
+                d.events[0].write(1).unwrap();
+            }
+            assert_eq!(d.dev.io_engine(), Some(expect));
+            times[n].push((start.elapsed(), cold, expect));
+        }
+    }
+    for mut t in times {
+        t.sort_unstable_by_key(|t| t.0);
+        let (median, cold, engine) = t[RUNS / 2];
+        println!(
+            "{} {engine:?}: {READS} random 4 KiB reads at depth {DEPTH}: median {:.1} ms \
+             ({:.0} IOPS), best {:.1} ms",
+            if cold { "cold" } else { "warm" },
+            median.as_secs_f64() * 1e3,
+            READS as f64 / median.as_secs_f64(),
+            t[0].0.as_secs_f64() * 1e3,
+        );
+    }
 }
