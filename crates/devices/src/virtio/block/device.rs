@@ -253,6 +253,7 @@ impl VirtioDevice for Block {
             write_through,
             self.serial,
         );
+        tracing::debug!("virtio-blk: {} queues active, {engine:?} I/O", states.len());
         let worker = QueueWorker::spawn("virtio-blk".into(), events, move |token| {
             let (index, completions) = match token.checked_sub(COMPLETIONS) {
                 Some(index) => (index, true),

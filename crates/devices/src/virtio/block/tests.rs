@@ -1054,10 +1054,8 @@ fn without_io_uring<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
             filter: filter.as_mut_ptr(),
         };
         // SAFETY: prctl with plain integer arguments, on this thread only.
-        assert_eq!(
-            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-            0
-        );
+        let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        assert_eq!(r, 0);
         // SAFETY: `prog` points at `filter`, both alive for the call; the kernel copies them.
         let r = unsafe {
             libc::prctl(

@@ -276,6 +276,7 @@ impl UringQueue {
             match self.ring.submit() {
                 // An entry the kernel refused at once stops the batch; it has its completion
                 // (with the error) and the rest go in the next round.
+                Ok(0) => return Err(io::Error::other("the kernel took no submission")),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -385,6 +386,8 @@ impl UringQueue {
         //   before the completion (the slot is reused only after it);
         // - the buffers the `iovec`s point at: ranges of guest memory that vm-memory's checked
         //   slice API gave us (`GuestIovecs::new`), inside mappings that `op._mem` keeps alive.
+        //   (Guest memory stays mapped for the VM's lifetime anyway; holding the `Arc` makes
+        //   that hold per request even if the VMM ever swaps its memory map.)
         //   The guest may rewrite its descriptors or reuse the buffers while the I/O runs; that
         //   only changes which guest bytes it sees, since the addresses were checked when the
         //   request was started and never reread from the ring.
