@@ -57,8 +57,9 @@ pub struct QueueWorker {
 }
 
 impl QueueWorker {
-    /// Spawns thread `name` that waits on `events` (`(queue index, eventfd)`) and calls
-    /// `handler(queue index)` after draining that eventfd.
+    /// Spawns thread `name` that waits on `events` (`(token, eventfd)`) and calls
+    /// `handler(token)` after draining that eventfd. A token is usually a queue index; devices
+    /// with other eventfds (virtio-blk's io_uring completions) give those tokens of their own.
     pub fn spawn<F>(name: String, events: Vec<(usize, EventFd)>, mut handler: F) -> io::Result<Self>
     where
         F: FnMut(usize) -> Next + Send + 'static,

@@ -2,6 +2,7 @@
 //! checked against [`DiskBackend::size`] by the caller.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 
 pub trait DiskBackend: Send + Sync {
     /// The guest-visible size in bytes (a multiple of 512).
@@ -17,4 +18,10 @@ pub trait DiskBackend: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// `len` bytes at `offset` read as zeroes afterwards; `may_unmap` lets the backend free them.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+    /// The file whose bytes are the disk's at the same offsets, when reads, writes and
+    /// `fdatasync` may go straight to it (the io_uring path); None when the format maps offsets
+    /// or keeps state of its own (qcow2).
+    fn direct_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }

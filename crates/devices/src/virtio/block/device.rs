@@ -1,18 +1,20 @@
 //! The virtio-blk device: features and configuration space, and the worker thread that serves
-//! every queue (one thread per device, woken by any of its queues' eventfds).
+//! every queue (one thread per device, woken by any of its queues' eventfds and, with io_uring,
+//! by each queue's completion eventfd).
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::{Arc, Once};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
 
 use super::backend::DiskBackend;
+use super::feature;
 use super::raw::{DiskError, RawFile};
-use super::request::{ParseError, RawDesc, Request, RequestType, SECTOR_SIZE, total_len};
-use super::{feature, status};
+use super::request::SECTOR_SIZE;
+use super::server::{QueueState, Server};
+use super::uring::UringQueue;
 use crate::virtio::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use crate::virtio::interrupt::DeviceInterrupt;
 use crate::virtio::worker::{Next, QueueWorker};
@@ -32,12 +34,24 @@ pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 pub const MAX_DISCARD_SEG: u32 = 32;
 pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
-const DISCARD_SEGMENT_LEN: u64 = 16;
-const WRITE_ZEROES_UNMAP: u32 = 1;
-/// Bounce buffer between the image and guest memory.
-const BOUNCE_LEN: usize = 128 << 10;
+pub(super) const DISCARD_SEGMENT_LEN: u64 = 16;
+pub(super) const WRITE_ZEROES_UNMAP: u32 = 1;
 /// `struct virtio_blk_config` up to and including `write_zeroes_may_unmap` (and padding).
 const CONFIG_LEN: usize = 60;
+
+/// Worker tokens at and above this are queue `token - COMPLETIONS`'s io_uring completions; below
+/// it, queue `token`'s notifications.
+const COMPLETIONS: usize = MAX_QUEUES as usize;
+
+/// How a device does IN, OUT and FLUSH.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEngine {
+    /// An io_uring per queue, many requests in flight, when the image is raw and the kernel
+    /// allows io_uring; otherwise synchronous (one warning when the kernel refuses).
+    Uring,
+    /// `pread`/`pwrite`/`fdatasync` on the device thread, one request at a time.
+    Sync,
+}
 
 /// The serial GET_ID returns: `id` when given, else the image's file name (its last 20 bytes).
 pub fn serial_for(path: &Path, id: Option<&str>) -> [u8; SERIAL_LEN] {
@@ -59,6 +73,8 @@ pub struct Block {
     serial: [u8; SERIAL_LEN],
     queue_sizes: Vec<u16>,
     config: [u8; CONFIG_LEN],
+    engine: IoEngine,
+    running: Option<IoEngine>,
     worker: Option<QueueWorker>,
 }
 
@@ -91,7 +107,42 @@ impl Block {
             serial,
             queue_sizes: vec![MAX_QUEUE_SIZE; usize::from(num_queues)],
             config,
+            engine: IoEngine::Uring,
+            running: None,
             worker: None,
+        }
+    }
+
+    /// The engine to use from the next activation on (the default is [`IoEngine::Uring`]).
+    pub fn with_io_engine(mut self, engine: IoEngine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// The engine the running device uses (None while it is not activated).
+    pub fn io_engine(&self) -> Option<IoEngine> {
+        self.running
+    }
+
+    /// A ring per queue, or None for synchronous I/O: asked for, a backend that needs its own
+    /// code path (qcow2), or a kernel that refuses io_uring (said once per process).
+    fn rings(&self, queues: &[ActivatedQueue], write_through: bool) -> Option<Vec<UringQueue>> {
+        if self.engine != IoEngine::Uring || self.backend.direct_fd().is_none() {
+            return None;
+        }
+        let rings = queues
+            .iter()
+            .map(|q| UringQueue::new(self.backend.clone(), q.queue.size(), write_through))
+            .collect::<std::io::Result<Vec<_>>>();
+        match rings {
+            Ok(rings) => Some(rings),
+            Err(e) => {
+                static WARNED: Once = Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!("virtio-blk: io_uring unavailable ({e}); using synchronous I/O");
+                });
+                None
+            }
         }
     }
 
@@ -118,7 +169,7 @@ impl fmt::Debug for Block {
             .field("sectors", &(self.backend.size() / SECTOR_SIZE))
             .field("readonly", &self.readonly)
             .field("queues", &self.queue_sizes.len())
-            .field("running", &self.worker.is_some())
+            .field("running", &self.running)
             .finish()
     }
 }
@@ -177,27 +228,48 @@ impl VirtioDevice for Block {
             });
         }
         self.reset();
-        let mut rings = Vec::with_capacity(queues.len());
-        let mut events = Vec::with_capacity(queues.len());
-        for q in queues {
-            rings.push((q.index, q.queue));
-            events.push((q.index, q.event));
-        }
-        let mut server = Server {
-            backend: self.backend.clone(),
-            readonly: self.readonly,
-            // Without FLUSH the driver expects a write-through cache.
-            write_through: features & feature::FLUSH == 0,
-            serial: self.serial,
-            bounce: vec![0; BOUNCE_LEN],
-            descs: Vec::new(),
+        // Without FLUSH the driver expects a write-through cache.
+        let write_through = features & feature::FLUSH == 0;
+        let mut rings = self.rings(&queues, write_through).map(Vec::into_iter);
+        let engine = if rings.is_some() {
+            IoEngine::Uring
+        } else {
+            IoEngine::Sync
         };
-        let worker = QueueWorker::spawn("virtio-blk".into(), events, move |index| {
-            let Some((_, queue)) = rings.iter_mut().find(|(i, _)| *i == index) else {
+        let mut states = Vec::with_capacity(queues.len());
+        let mut events = Vec::with_capacity(2 * queues.len());
+        for q in queues {
+            let ring = rings.as_mut().and_then(Iterator::next);
+            if let Some(ring) = &ring {
+                let completions = ring.completion_event().map_err(ActivateError::Thread)?;
+                events.push((COMPLETIONS + q.index, completions));
+            }
+            events.push((q.index, q.event));
+            states.push(QueueState::new(q.index, q.queue, ring));
+        }
+        let mut server = Server::new(
+            self.backend.clone(),
+            self.readonly,
+            write_through,
+            self.serial,
+        );
+        tracing::debug!("virtio-blk: {} queues active, {engine:?} I/O", states.len());
+        let worker = QueueWorker::spawn("virtio-blk".into(), events, move |token| {
+            let (index, completions) = match token.checked_sub(COMPLETIONS) {
+                Some(index) => (index, true),
+                None => (token, false),
+            };
+            let Some(q) = states.iter_mut().find(|q| q.index == index) else {
                 return Next::Continue;
             };
-            let guard = mem.memory();
-            match server.serve(index, queue, &guard, &interrupt) {
+            // The requests in flight hold this snapshot of guest memory until they complete.
+            let mem = mem.memory().into_inner();
+            let served = if completions {
+                server.on_completions(q, &mem, &interrupt)
+            } else {
+                server.on_notify(q, &mem, &interrupt)
+            };
+            match served {
                 Ok(()) => Next::Continue,
                 Err(e) => {
                     interrupt.set_needs_reset(&e);
@@ -207,288 +279,16 @@ impl VirtioDevice for Block {
         })
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
+        self.running = Some(engine);
         Ok(())
     }
 
+    /// Stops the thread, which first waits for every request in flight (their buffers are
+    /// guest memory the kernel may still be writing).
     fn reset(&mut self) {
         if let Some(worker) = self.worker.take() {
             worker.stop();
         }
-    }
-}
-
-/// Why a queue is unusable until the driver resets the device.
-#[derive(Debug)]
-enum QueueError {
-    Ring(virtio_queue::Error),
-    AvailIndex { avail: u16, next: u16 },
-    BadChain { head: u16 },
-    Request { head: u16, why: String },
-}
-
-impl fmt::Display for QueueError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Ring(e) => write!(f, "ring access: {e}"),
-            Self::AvailIndex { avail, next } => {
-                write!(f, "avail index {avail} is too far from {next}")
-            }
-            Self::BadChain { head } => write!(
-                f,
-                "descriptor chain at {head} is empty, loops or is truncated"
-            ),
-            Self::Request { head, why } => write!(f, "request at {head}: {why}"),
-        }
-    }
-}
-
-impl From<virtio_queue::Error> for QueueError {
-    fn from(e: virtio_queue::Error) -> Self {
-        Self::Ring(e)
-    }
-}
-
-/// The worker thread's state.
-struct Server {
-    backend: Arc<dyn DiskBackend>,
-    readonly: bool,
-    write_through: bool,
-    serial: [u8; SERIAL_LEN],
-    bounce: Vec<u8>,
-    descs: Vec<RawDesc>,
-}
-
-/// A request's outcome: its status and how many bytes of the writable data were written.
-type Outcome = (u8, u32);
-
-const IOERR: Outcome = (status::IOERR, 0);
-const UNSUPP: Outcome = (status::UNSUPP, 0);
-
-impl Server {
-    /// Serves every available chain of queue `index`, then re-enables notifications (looping if
-    /// more arrived) and interrupts the driver if it asked to be.
-    fn serve(
-        &mut self,
-        index: usize,
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
-        interrupt: &DeviceInterrupt,
-    ) -> Result<(), QueueError> {
-        let mut used_any = false;
-        loop {
-            queue.disable_notification(mem)?;
-            let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
-            let next = queue.next_avail();
-            if avail.wrapping_sub(next) > queue.size() {
-                return Err(QueueError::AvailIndex { avail, next });
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                self.descs.clear();
-                let mut ends = false;
-                for desc in chain {
-                    ends = !desc.has_next();
-                    self.descs.push(RawDesc {
-                        addr: desc.addr().raw_value(),
-                        len: desc.len(),
-                        write: desc.is_write_only(),
-                    });
-                }
-                // The iterator stops silently on a loop, a bad index or a bad indirect table; a
-                // well-formed chain always ends on a descriptor without NEXT.
-                if self.descs.is_empty() || !ends {
-                    return Err(QueueError::BadChain { head });
-                }
-                let (status_addr, (status, written)) = match Request::parse(mem, &self.descs) {
-                    Ok(req) => (req.status, self.execute(mem, &req)),
-                    Err(ParseError::Invalid { status, why }) => {
-                        tracing::debug!("virtio-blk: request at {head}: {why}");
-                        (status, IOERR)
-                    }
-                    Err(ParseError::Broken(why)) => {
-                        return Err(QueueError::Request { head, why });
-                    }
-                };
-                mem.write_obj(status, status_addr)
-                    .map_err(|e| QueueError::Request {
-                        head,
-                        why: format!("status byte: {e}"),
-                    })?;
-                queue.add_used(mem, head, written.saturating_add(1))?;
-                used_any = true;
-            }
-            if !queue.enable_notification(mem)? {
-                break;
-            }
-        }
-        if used_any && queue.needs_notification(mem)? {
-            if let Err(e) = interrupt.signal_queue(index) {
-                tracing::warn!("virtio-blk: interrupt: {e}");
-            }
-        }
-        Ok(())
-    }
-
-    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Outcome {
-        // Data in the wrong direction for the request type (besides header and status).
-        let wrong_direction = match req.kind {
-            RequestType::In | RequestType::GetId => total_len(&req.readable) != 0,
-            RequestType::Other(_) => false,
-            _ => total_len(&req.writable) != 0,
-        };
-        if wrong_direction {
-            return IOERR;
-        }
-        match req.kind {
-            RequestType::In => self.read(mem, req),
-            RequestType::Out if self.readonly => IOERR,
-            RequestType::Out => self.write(mem, req),
-            RequestType::Flush => match self.backend.flush() {
-                Ok(()) => (status::OK, 0),
-                Err(e) => {
-                    tracing::warn!("virtio-blk: flush: {e}");
-                    IOERR
-                }
-            },
-            RequestType::GetId => {
-                let mut done = 0usize;
-                for s in &req.writable {
-                    let n = (SERIAL_LEN - done).min(s.len as usize);
-                    if mem
-                        .write_slice(&self.serial[done..done + n], s.addr)
-                        .is_err()
-                    {
-                        return IOERR;
-                    }
-                    done += n;
-                }
-                (status::OK, done as u32)
-            }
-            RequestType::Discard | RequestType::WriteZeroes if self.readonly => UNSUPP,
-            RequestType::Discard | RequestType::WriteZeroes => self.discard(mem, req),
-            RequestType::Other(_) => UNSUPP,
-        }
-    }
-
-    /// The byte offset of a data transfer of `len` bytes at `sector`, if it is a whole number of
-    /// sectors inside the disk and not larger than we advertise.
-    fn range(&self, sector: u64, len: u64) -> Option<u64> {
-        if len % SECTOR_SIZE != 0 || len > MAX_REQUEST_BYTES {
-            return None;
-        }
-        let offset = sector.checked_mul(SECTOR_SIZE)?;
-        (offset.checked_add(len)? <= self.backend.size()).then_some(offset)
-    }
-
-    fn read(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Outcome {
-        let len = total_len(&req.writable);
-        let Some(mut offset) = self.range(req.sector, len) else {
-            return IOERR;
-        };
-        for seg in &req.writable {
-            let mut done = 0u64;
-            while done < seg.len {
-                let n = (seg.len - done).min(BOUNCE_LEN as u64) as usize;
-                let buf = &mut self.bounce[..n];
-                if let Err(e) = self.backend.read_at(buf, offset) {
-                    tracing::warn!("virtio-blk: read at {offset:#x}: {e}");
-                    return IOERR;
-                }
-                if mem.write_slice(buf, seg.addr.unchecked_add(done)).is_err() {
-                    return IOERR;
-                }
-                done += n as u64;
-                offset += n as u64;
-            }
-        }
-        (status::OK, len as u32)
-    }
-
-    fn write(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Outcome {
-        let len = total_len(&req.readable);
-        let Some(mut offset) = self.range(req.sector, len) else {
-            return IOERR;
-        };
-        for seg in &req.readable {
-            let mut done = 0u64;
-            while done < seg.len {
-                let n = (seg.len - done).min(BOUNCE_LEN as u64) as usize;
-                let buf = &mut self.bounce[..n];
-                if mem.read_slice(buf, seg.addr.unchecked_add(done)).is_err() {
-                    return IOERR;
-                }
-                if let Err(e) = self.backend.write_at(buf, offset) {
-                    tracing::warn!("virtio-blk: write at {offset:#x}: {e}");
-                    return IOERR;
-                }
-                done += n as u64;
-                offset += n as u64;
-            }
-        }
-        if self.write_through {
-            if let Err(e) = self.backend.flush() {
-                tracing::warn!("virtio-blk: flush: {e}");
-                return IOERR;
-            }
-        }
-        (status::OK, 0)
-    }
-
-    /// DISCARD and WRITE_ZEROES: an array of `{sector: u64, num_sectors: u32, flags: u32}`.
-    fn discard(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Outcome {
-        let len = total_len(&req.readable);
-        if len == 0
-            || len % DISCARD_SEGMENT_LEN != 0
-            || len / DISCARD_SEGMENT_LEN > u64::from(MAX_DISCARD_SEG)
-        {
-            return IOERR;
-        }
-        let mut bytes = [0u8; (MAX_DISCARD_SEG as usize) * DISCARD_SEGMENT_LEN as usize];
-        let bytes = &mut bytes[..len as usize];
-        if !super::request::gather(mem, &req.readable, bytes) {
-            return IOERR;
-        }
-        // Check every segment before acting on any.
-        let mut ranges = Vec::with_capacity(bytes.len() / DISCARD_SEGMENT_LEN as usize);
-        for seg in bytes.chunks_exact(DISCARD_SEGMENT_LEN as usize) {
-            let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-            let count = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
-            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-            let allowed = match req.kind {
-                RequestType::WriteZeroes => WRITE_ZEROES_UNMAP,
-                _ => 0,
-            };
-            if flags & !allowed != 0 {
-                return UNSUPP;
-            }
-            if count > MAX_DISCARD_SECTORS {
-                return IOERR;
-            }
-            let len = u64::from(count) * SECTOR_SIZE;
-            let Some(offset) = sector.checked_mul(SECTOR_SIZE) else {
-                return IOERR;
-            };
-            if offset
-                .checked_add(len)
-                .is_none_or(|end| end > self.backend.size())
-            {
-                return IOERR;
-            }
-            ranges.push((offset, len, flags & WRITE_ZEROES_UNMAP != 0));
-        }
-        for (offset, len, unmap) in ranges {
-            if len == 0 {
-                continue;
-            }
-            let result = match req.kind {
-                RequestType::WriteZeroes => self.backend.write_zeroes(offset, len, unmap),
-                _ => self.backend.discard(offset, len),
-            };
-            if let Err(e) = result {
-                tracing::warn!("virtio-blk: {:?} at {offset:#x}+{len:#x}: {e}", req.kind);
-                return IOERR;
-            }
-        }
-        (status::OK, 0)
+        self.running = None;
     }
 }

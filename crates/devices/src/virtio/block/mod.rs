@@ -6,22 +6,31 @@
 //!   ([`RawFile`]), locked with `flock` so two VMs cannot write one image; [`qcow2`]: qcow2 images
 //!   with backing chains ([`Qcow2File`], on the `imago` crate).
 //! - [`device`]: the virtio device ([`Block`]): features, configuration space, and the worker
-//!   thread that serves every queue.
+//!   thread that serves every queue; [`server`]: what that thread does with a queue's requests.
+//! - [`uring`]: raw images' IN/OUT/FLUSH on an io_uring per queue, with [`iovec`] pointing
+//!   straight into guest memory.
 //!
-//! I/O is synchronous (`pread`/`pwrite` through a bounce buffer) on the device's own thread, so a
-//! slow disk stalls this device's queues but never a vCPU.
+//! With io_uring ([`IoEngine::Uring`], the default) up to a queue's size of requests per queue
+//! are in flight and the device thread never waits for the disk, so one slow request stalls
+//! neither the other queues nor later requests. qcow2 images (whose `imago` driver is
+//! synchronous), kernels that refuse io_uring, and [`IoEngine::Sync`] do synchronous I/O
+//! (`pread`/`pwrite` through a bounce buffer) on the device thread: a slow disk then stalls this
+//! device's queues, but never a vCPU.
 
 pub mod backend;
 pub mod device;
+pub mod iovec;
 pub mod qcow2;
 pub mod raw;
 pub mod request;
+pub mod server;
+pub mod uring;
 
 #[cfg(test)]
 mod tests;
 
 pub use backend::DiskBackend;
-pub use device::{Block, SERIAL_LEN, serial_for};
+pub use device::{Block, IoEngine, SERIAL_LEN, serial_for};
 pub use qcow2::{Qcow2Error, Qcow2File};
 pub use raw::{DiskError, RawFile};
 pub use request::SECTOR_SIZE;

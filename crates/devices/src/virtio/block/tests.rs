@@ -1,226 +1,25 @@
 //! virtio-blk against a temporary raw image, driven by a test driver that lays requests out in
-//! split rings in guest memory as a guest would, and notifies through the queue eventfds.
+//! split rings in guest memory as a guest would, and notifies through the queue eventfds. Most
+//! tests run on both I/O engines (io_uring and synchronous).
 
-use std::io::Write;
+mod bench;
+mod driver;
+
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk as b;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{Bytes, GuestAddress};
 
-use super::{Block, DiskError, RawFile, feature, serial_for, status};
-use crate::virtio::interrupt::DeviceInterrupt;
-use crate::virtio::{ActivatedQueue, VirtioDevice, VirtioInterrupt, features};
+use super::{Block, DiskError, IoEngine, RawFile, feature, serial_for, status};
+use crate::virtio::{VirtioDevice, features};
 
-const MEM_SIZE: usize = 1 << 20;
-const QSIZE: u16 = 16;
-const DISK_SIZE: u64 = 1 << 20;
-const HDR: u64 = 0x80000;
-const STATUS: u64 = 0x81000;
-const DATA: u64 = 0x90000;
-const TIMEOUT: Duration = Duration::from_secs(5);
-
-struct NoIrq;
-impl VirtioInterrupt for NoIrq {
-    fn trigger(&self, _vector: u16) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Ring addresses of queue `q`.
-fn rings(q: usize) -> (u64, u64, u64) {
-    let base = 0x1000 + q as u64 * 0x4000;
-    (base, base + 0x1000, base + 0x2000)
-}
-
-struct Driver {
-    dev: Block,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    irq: DeviceInterrupt,
-    events: Vec<EventFd>,
-    avail: Vec<u16>,
-    image: tempfile::NamedTempFile,
-}
-
-fn image() -> tempfile::NamedTempFile {
-    let mut f = tempfile::NamedTempFile::new().unwrap();
-    f.as_file_mut().set_len(DISK_SIZE).unwrap();
-    f.flush().unwrap();
-    f
-}
-
-impl Driver {
-    fn new(readonly: bool, num_queues: u16) -> Self {
-        Self::with_image(image(), readonly, num_queues)
-    }
-
-    fn with_image(image: tempfile::NamedTempFile, readonly: bool, num_queues: u16) -> Self {
-        let dev = Block::open_raw(image.path(), readonly, num_queues, Some("test-disk")).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let mem = GuestMemoryAtomic::new(mem);
-        let irq = DeviceInterrupt::new("blk-test", usize::from(num_queues), Arc::new(NoIrq));
-        let mut d = Self {
-            dev,
-            mem,
-            irq,
-            events: Vec::new(),
-            avail: vec![0; usize::from(num_queues)],
-            image,
-        };
-        d.start(d.dev.features() & !features::RING_EVENT_IDX);
-        d
-    }
-
-    fn start(&mut self, feats: u64) {
-        let n = self.avail.len();
-        let mut queues = Vec::new();
-        self.events.clear();
-        for index in 0..n {
-            let (desc, avail, used) = rings(index);
-            let mut q = Queue::new(QSIZE).unwrap();
-            q.set_size(QSIZE);
-            q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
-            q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
-            q.try_set_used_ring_address(GuestAddress(used)).unwrap();
-            q.set_ready(true);
-            let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            self.events.push(event.try_clone().unwrap());
-            queues.push(ActivatedQueue {
-                index,
-                queue: q,
-                event,
-            });
-        }
-        self.dev
-            .activate(self.mem.clone(), feats, queues, self.irq.clone())
-            .unwrap();
-    }
-
-    fn mem(&self) -> impl std::ops::Deref<Target = GuestMemoryMmap> {
-        self.mem.memory()
-    }
-
-    fn write_desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u32, next: u16) {
-        let mut d = [0u8; 16];
-        d[..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
-        d[14..].copy_from_slice(&next.to_le_bytes());
-        self.mem()
-            .write_slice(&d, GuestAddress(rings(q).0 + 16 * u64::from(i)))
-            .unwrap();
-    }
-
-    fn used_idx(&self, q: usize) -> u16 {
-        self.mem().read_obj(GuestAddress(rings(q).2 + 2)).unwrap()
-    }
-
-    /// Submits the chain `descs` (`(addr, len, writable)`) on queue `q` and waits for it to be
-    /// used; returns (status byte at STATUS, used length), or None if it never completed.
-    fn submit_on(&mut self, q: usize, descs: &[(u64, u32, bool)]) -> Option<(u8, u32)> {
-        self.mem().write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        for (i, &(addr, len, write)) in descs.iter().enumerate() {
-            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            self.write_desc(q, i as u16, addr, len, flags, i as u16 + 1);
-        }
-        let (_, avail, used) = rings(q);
-        let slot = self.avail[q] % QSIZE;
-        self.mem()
-            .write_obj(0u16, GuestAddress(avail + 4 + 2 * u64::from(slot)))
-            .unwrap();
-        self.avail[q] = self.avail[q].wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem()
-            .write_obj(self.avail[q], GuestAddress(avail + 2))
-            .unwrap();
-        self.events[q].write(1).unwrap();
-        let start = Instant::now();
-        while self.used_idx(q) != self.avail[q] {
-            if start.elapsed() > TIMEOUT || self.irq.needs_reset() {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let used_len: u32 = self
-            .mem()
-            .read_obj(GuestAddress(used + 4 + 8 * u64::from(slot) + 4))
-            .unwrap();
-        let status: u8 = self.mem().read_obj(GuestAddress(STATUS)).unwrap();
-        Some((status, used_len))
-    }
-
-    fn header(&self, t: u32, sector: u64) {
-        let m = self.mem();
-        m.write_obj(t, GuestAddress(HDR)).unwrap();
-        m.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
-        m.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
-    }
-
-    fn rw(&mut self, t: u32, sector: u64, len: u32) -> (u8, u32) {
-        self.header(t, sector);
-        let write = t == b::VIRTIO_BLK_T_IN || t == b::VIRTIO_BLK_T_GET_ID;
-        self.submit_on(
-            0,
-            &[(HDR, 16, false), (DATA, len, write), (STATUS, 1, true)],
-        )
-        .expect("request not completed")
-    }
-
-    fn simple(&mut self, t: u32) -> (u8, u32) {
-        self.header(t, 0);
-        self.submit_on(0, &[(HDR, 16, false), (STATUS, 1, true)])
-            .expect("request not completed")
-    }
-
-    fn fill(&self, len: usize, byte: u8) {
-        self.mem()
-            .write_slice(&vec![byte; len], GuestAddress(DATA))
-            .unwrap();
-    }
-
-    fn data(&self, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem().read_slice(&mut v, GuestAddress(DATA)).unwrap();
-        v
-    }
-
-    fn file(&self, offset: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.image.as_file().read_exact_at(&mut v, offset).unwrap();
-        v
-    }
-
-    /// DISCARD / WRITE_ZEROES with the given `(sector, count, flags)` segments.
-    fn ranges(&mut self, t: u32, segs: &[(u64, u32, u32)]) -> (u8, u32) {
-        self.header(t, 0);
-        for (i, &(sector, count, flags)) in segs.iter().enumerate() {
-            let at = DATA + 16 * i as u64;
-            let m = self.mem();
-            m.write_obj(sector, GuestAddress(at)).unwrap();
-            m.write_obj(count, GuestAddress(at + 8)).unwrap();
-            m.write_obj(flags, GuestAddress(at + 12)).unwrap();
-        }
-        let len = 16 * segs.len() as u32;
-        self.submit_on(
-            0,
-            &[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)],
-        )
-        .expect("request not completed")
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        self.dev.reset();
-    }
-}
+use driver::{
+    DATA, DISK_SIZE, Driver, ENGINES, HDR, MEM_SIZE, QSIZE, Req, STATUS, TIMEOUT, batch_data,
+    image, rings, uring_available,
+};
 
 fn config_u64(dev: &Block, off: u64) -> u64 {
     let mut b = [0u8; 8];
@@ -266,7 +65,13 @@ fn features_and_config_space() {
 
 #[test]
 fn write_flush_read_round_trip() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        write_flush_read_round_trip_on(engine);
+    }
+}
+
+fn write_flush_read_round_trip_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     d.fill(4096, 0xa5);
     assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 1, 4096), (status::OK, 1));
     assert_eq!(d.simple(b::VIRTIO_BLK_T_FLUSH), (status::OK, 1));
@@ -305,7 +110,13 @@ fn write_flush_read_round_trip() {
 
 #[test]
 fn get_id_returns_the_serial() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        get_id_returns_the_serial_on(engine);
+    }
+}
+
+fn get_id_returns_the_serial_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     d.fill(20, 0xff);
     assert_eq!(d.rw(b::VIRTIO_BLK_T_GET_ID, 0, 20), (status::OK, 21));
     let id = d.data(20);
@@ -325,7 +136,13 @@ fn get_id_returns_the_serial() {
 
 #[test]
 fn discard_and_write_zeroes() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        discard_and_write_zeroes_on(engine);
+    }
+}
+
+fn discard_and_write_zeroes_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     d.image.as_file().write_all_at(&[0x5a; 16384], 0).unwrap();
     // Write zeroes over sectors 2..6, with and without unmap.
     assert_eq!(
@@ -372,9 +189,15 @@ fn discard_and_write_zeroes() {
 
 #[test]
 fn readonly_refuses_writes() {
+    for engine in ENGINES {
+        readonly_refuses_writes_on(engine);
+    }
+}
+
+fn readonly_refuses_writes_on(engine: IoEngine) {
     let img = image();
     img.as_file().write_all_at(&[7; 512], 512).unwrap();
-    let mut d = Driver::with_image(img, true, 1);
+    let mut d = Driver::with_image(img, engine, true, 1);
     d.fill(512, 1);
     assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 1, 512).0, status::IOERR);
     assert_eq!(
@@ -393,7 +216,13 @@ fn readonly_refuses_writes() {
 
 #[test]
 fn out_of_range_and_odd_lengths_get_ioerr() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        out_of_range_and_odd_lengths_get_ioerr_on(engine);
+    }
+}
+
+fn out_of_range_and_odd_lengths_get_ioerr_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     let sectors = DISK_SIZE / 512;
     assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, sectors, 512).0, status::IOERR);
     assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, sectors - 1, 1024).0, status::IOERR);
@@ -415,7 +244,13 @@ fn out_of_range_and_odd_lengths_get_ioerr() {
 
 #[test]
 fn malformed_requests_get_ioerr() {
-    let mut d = Driver::new(false, 1);
+    for engine in ENGINES {
+        malformed_requests_get_ioerr_on(engine);
+    }
+}
+
+fn malformed_requests_get_ioerr_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_IN, 0);
     // Short header.
     assert_eq!(
@@ -460,8 +295,14 @@ fn malformed_requests_get_ioerr() {
 
 #[test]
 fn broken_chains_set_needs_reset() {
+    for engine in ENGINES {
+        broken_chains_set_needs_reset_on(engine);
+    }
+}
+
+fn broken_chains_set_needs_reset_on(engine: IoEngine) {
     // Status byte not writable.
-    let mut d = Driver::new(false, 1);
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_IN, 0);
     assert!(
         d.submit_on(0, &[(HDR, 16, false), (STATUS, 1, false)])
@@ -469,7 +310,7 @@ fn broken_chains_set_needs_reset() {
     );
     assert!(d.irq.needs_reset());
     // Data outside guest memory.
-    let mut d = Driver::new(false, 1);
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_IN, 0);
     assert!(
         d.submit_on(
@@ -485,7 +326,7 @@ fn broken_chains_set_needs_reset() {
     assert!(d.irq.needs_reset());
     assert_eq!(d.file(0, 512), vec![0; 512]);
     // Absurd length wrapping the address space.
-    let mut d = Driver::new(false, 1);
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_OUT, 0);
     assert!(
         d.submit_on(
@@ -500,7 +341,7 @@ fn broken_chains_set_needs_reset() {
     );
     assert!(d.irq.needs_reset());
     // A descriptor loop.
-    let mut d = Driver::new(false, 1);
+    let mut d = Driver::on(engine, false, 1);
     d.header(b::VIRTIO_BLK_T_IN, 0);
     d.write_desc(0, 0, HDR, 16, VRING_DESC_F_NEXT, 1);
     d.write_desc(0, 1, DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 0);
@@ -525,7 +366,13 @@ fn broken_chains_set_needs_reset() {
 
 #[test]
 fn every_queue_is_served() {
-    let mut d = Driver::new(false, 3);
+    for engine in ENGINES {
+        every_queue_is_served_on(engine);
+    }
+}
+
+fn every_queue_is_served_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 3);
     for q in 0..3usize {
         d.fill(512, q as u8 + 1);
         d.header(b::VIRTIO_BLK_T_OUT, q as u64);
@@ -569,4 +416,339 @@ fn writable_images_are_locked() {
         RawFile::open("/tmp".as_ref(), true),
         Err(DiskError::NotAFile { .. }) | Err(DiskError::Open { .. })
     ));
+}
+
+#[test]
+fn many_requests_in_flight_complete_out_of_order() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        for blk in 16..32u64 {
+            d.image
+                .as_file()
+                .write_all_at(&[blk as u8; 4096], blk * 4096)
+                .unwrap();
+        }
+        // 15 writes, a FLUSH, then 16 reads, all made available at once.
+        let mut reqs = Vec::new();
+        for i in 0..15 {
+            d.mem()
+                .write_slice(&[0x80 + i as u8; 4096], GuestAddress(batch_data(i)))
+                .unwrap();
+            reqs.push(Req {
+                t: b::VIRTIO_BLK_T_OUT,
+                sector: 8 * i as u64,
+                len: 4096,
+            });
+        }
+        const FLUSH: usize = 15;
+        reqs.push(Req {
+            t: b::VIRTIO_BLK_T_FLUSH,
+            sector: 0,
+            len: 0,
+        });
+        for i in 16..32 {
+            reqs.push(Req {
+                t: b::VIRTIO_BLK_T_IN,
+                sector: 8 * i as u64,
+                len: 4096,
+            });
+        }
+        let used = d.batch(0, &reqs).expect("batch not completed");
+        let mut heads: Vec<u16> = used.iter().map(|u| u.0).collect();
+        heads.sort_unstable();
+        assert_eq!(heads, (0..32).map(|i| 3 * i).collect::<Vec<u16>>());
+        let pos = |i: usize| used.iter().position(|u| u.0 == 3 * i as u16).unwrap();
+        for i in 0..32 {
+            assert_eq!(d.batch_status(i), status::OK, "{engine:?} request {i}");
+        }
+        for i in 0..15 {
+            assert_eq!(used[pos(i)].1, 1);
+            assert_eq!(d.file(4096 * i as u64, 4096), vec![0x80 + i as u8; 4096]);
+        }
+        for i in 16..32 {
+            assert_eq!(used[pos(i)].1, 4097);
+            assert_eq!(d.batch_data(i, 4096), vec![i as u8; 4096]);
+        }
+        // The flush completed after every write made available before it.
+        assert!((0..15).all(|i| pos(i) < pos(FLUSH)), "{engine:?}: {used:?}");
+        match d.expect {
+            IoEngine::Sync => assert!((0..32).all(|i| pos(i) == i), "{used:?}"),
+            // The reads after the flush did not wait for its fdatasync: they were in flight
+            // together, and completed first.
+            IoEngine::Uring => assert!((16..32).any(|i| pos(i) < pos(FLUSH)), "{used:?}"),
+        }
+        assert!(!d.irq.needs_reset());
+    }
+}
+
+#[test]
+fn writes_then_flush_then_read_back_in_one_batch() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 2);
+        // On queue 1, so the second queue's ring is used too.
+        let mut reqs = Vec::new();
+        for i in 0..8 {
+            d.mem()
+                .write_slice(&[i as u8 + 1; 8192], GuestAddress(batch_data(i)))
+                .unwrap();
+            reqs.push(Req {
+                t: b::VIRTIO_BLK_T_OUT,
+                sector: 16 * i as u64,
+                len: 8192,
+            });
+        }
+        reqs.push(Req {
+            t: b::VIRTIO_BLK_T_FLUSH,
+            sector: 0,
+            len: 0,
+        });
+        let used = d.batch(1, &reqs).expect("writes not completed");
+        assert_eq!(
+            used.last().map(|u| u.0),
+            Some(3 * 8),
+            "{engine:?}: {used:?}"
+        );
+        assert!((0..9).all(|i| d.batch_status(i) == status::OK));
+        let reads: Vec<Req> = (0..8)
+            .map(|i| Req {
+                t: b::VIRTIO_BLK_T_IN,
+                sector: 16 * (7 - i) as u64,
+                len: 8192,
+            })
+            .collect();
+        for i in 0..8 {
+            d.mem()
+                .write_slice(&[0; 8192], GuestAddress(batch_data(i)))
+                .unwrap();
+        }
+        d.batch(1, &reads).expect("reads not completed");
+        for i in 0..8 {
+            assert_eq!(d.batch_status(i), status::OK);
+            assert_eq!(d.batch_data(i, 8192), vec![8 - i as u8; 8192], "{engine:?}");
+        }
+        assert_eq!(d.file(0, 8192), vec![1; 8192]);
+    }
+}
+
+#[test]
+fn writes_are_written_through_without_flush() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        d.dev.reset();
+        d.start(d.dev.features() & !feature::FLUSH & !features::RING_EVENT_IDX);
+        d.fill(4096, 0x42);
+        assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 8, 4096), (status::OK, 1));
+        assert_eq!(d.file(4096, 4096), vec![0x42; 4096]);
+        assert_eq!(d.file(0, 4096), vec![0; 4096]);
+    }
+}
+
+#[test]
+fn a_read_past_the_end_of_a_shrunk_image_gets_ioerr() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        d.image
+            .as_file()
+            .write_all_at(&[3; 4096], DISK_SIZE - 4096)
+            .unwrap();
+        // The image is truncated under the running device: its last 4 KiB now straddle the end
+        // of the file. A read there is short (2 KiB), the rest reads nothing: IOERR, not OK.
+        d.image.as_file().set_len(DISK_SIZE - 2048).unwrap();
+        let last_4k = (DISK_SIZE - 4096) / 512;
+        assert_eq!(
+            d.rw(b::VIRTIO_BLK_T_IN, last_4k, 4096),
+            (status::IOERR, 1),
+            "{engine:?}"
+        );
+        // Entirely past the end.
+        assert_eq!(
+            d.rw(b::VIRTIO_BLK_T_IN, DISK_SIZE / 512 - 1, 512),
+            (status::IOERR, 1)
+        );
+        // What is still there reads fine.
+        d.fill(2048, 0);
+        assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, last_4k, 2048), (status::OK, 2049));
+        assert_eq!(d.data(2048), vec![3; 2048]);
+        assert!(!d.irq.needs_reset());
+    }
+}
+
+#[test]
+fn one_chain_posted_many_times_while_in_flight() {
+    // A hostile driver makes the same chain available again and again, so one buffer is the
+    // target of many reads at once and more chains arrive while the ring is full.
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        d.image.as_file().write_all_at(&[7; 4096], 0).unwrap();
+        let head = d.prepare(
+            0,
+            0,
+            Req {
+                t: b::VIRTIO_BLK_T_IN,
+                sector: 0,
+                len: 4096,
+            },
+        );
+        for _ in 0..QSIZE {
+            d.post(0, head);
+        }
+        d.events[0].write(1).unwrap();
+        // Once half are used the device has taken at least half (with io_uring: all, as it
+        // takes every chain before it reaps); post more while the rest may still run.
+        let start = Instant::now();
+        while d.used_idx(0) < QSIZE / 2 && start.elapsed() < TIMEOUT {
+            std::thread::yield_now();
+        }
+        for _ in 0..QSIZE / 2 {
+            d.post(0, head);
+        }
+        d.events[0].write(1).unwrap();
+        assert!(d.wait_all_used(0), "{engine:?}");
+        assert_eq!(d.used_idx(0), QSIZE + QSIZE / 2);
+        assert_eq!(d.batch_status(0), status::OK);
+        assert_eq!(d.batch_data(0, 4096), vec![7; 4096]);
+        assert!(!d.irq.needs_reset());
+    }
+}
+
+/// A disk in memory: a backend with no file to do direct I/O on (like qcow2).
+struct MemDisk(std::sync::Mutex<Vec<u8>>);
+
+impl super::DiskBackend for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let d = self.0.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut d = self.0.lock().unwrap();
+        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> std::io::Result<()> {
+        self.write_at(&vec![0; len as usize], offset)
+    }
+}
+
+#[test]
+fn backends_without_a_direct_file_stay_synchronous() {
+    let disk = Arc::new(MemDisk(std::sync::Mutex::new(vec![0; 64 << 10])));
+    let dev = Block::new(disk.clone(), false, 1, [0; 20]).with_io_engine(IoEngine::Uring);
+    let mut d = Driver::with_block(dev, IoEngine::Sync, image(), 1);
+    d.fill(1024, 0x11);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 4, 1024), (status::OK, 1));
+    assert_eq!(disk.0.lock().unwrap()[2048..3072], [0x11; 1024]);
+    assert_eq!(d.simple(b::VIRTIO_BLK_T_FLUSH), (status::OK, 1));
+    d.fill(1024, 0);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, 4, 1024), (status::OK, 1025));
+    assert_eq!(d.data(1024), vec![0x11; 1024]);
+}
+
+/// Runs `f` on a thread where `io_uring_setup` fails with ENOSYS, as on a kernel without
+/// io_uring or under a seccomp policy that forbids it; threads it starts inherit the filter.
+fn without_io_uring<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+        let stmt = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt,
+            jf,
+            k,
+        };
+        let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+        let ret = libc::BPF_RET | libc::BPF_K;
+        // seccomp_data: nr at offset 0, arch at 4.
+        let mut filter = [
+            stmt(load, 4),
+            jump(AUDIT_ARCH_X86_64, 0, 3),
+            stmt(load, 0),
+            jump(libc::SYS_io_uring_setup as u32, 0, 1),
+            stmt(ret, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+            stmt(ret, libc::SECCOMP_RET_ALLOW),
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_mut_ptr(),
+        };
+        // SAFETY: prctl with plain integer arguments, on this thread only.
+        let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        assert_eq!(r, 0);
+        // SAFETY: `prog` points at `filter`, both alive for the call; the kernel copies them.
+        let r = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        assert_eq!(r, 0, "seccomp: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_kernel_refusing_io_uring_falls_back_to_synchronous_io() {
+    let mut d = without_io_uring(|| {
+        assert!(!uring_available());
+        Driver::on(IoEngine::Uring, false, 2)
+    });
+    assert_eq!(d.dev.io_engine(), Some(IoEngine::Sync));
+    d.fill(4096, 0x5c);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 2, 4096), (status::OK, 1));
+    assert_eq!(d.simple(b::VIRTIO_BLK_T_FLUSH), (status::OK, 1));
+    assert_eq!(d.file(1024, 4096), vec![0x5c; 4096]);
+    d.fill(4096, 0);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, 2, 4096), (status::OK, 4097));
+    assert_eq!(d.data(4096), vec![0x5c; 4096]);
+    // Hostile chains are still refused on this path.
+    d.header(b::VIRTIO_BLK_T_IN, 0);
+    assert!(
+        d.submit_on(0, &[(HDR, 16, false), (STATUS, 1, false)])
+            .is_none()
+    );
+    assert!(d.irq.needs_reset());
+}
+
+#[test]
+fn event_idx_suppresses_interrupts_until_the_driver_asks() {
+    for engine in ENGINES {
+        let mut d = Driver::on(engine, false, 1);
+        d.dev.reset();
+        d.start(d.dev.features());
+        let _ = d.interrupts();
+        // used_event (after the avail ring): interrupt only when the used index passes 2, i.e.
+        // for the third of five requests done one after another.
+        let used_event = GuestAddress(rings(0).1 + 4 + 2 * u64::from(QSIZE));
+        d.mem().write_obj(2u16, used_event).unwrap();
+        for n in 1..=5 {
+            assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, n, 512).0, status::OK);
+        }
+        // The device signals right after it updates the used ring: wait for the one interrupt,
+        // then a little for any wrong extra one.
+        let mut total = 0;
+        let start = Instant::now();
+        while total == 0 && start.elapsed() < TIMEOUT {
+            total += d.wait_interrupt();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        total += d.interrupts();
+        assert_eq!(total, 1, "{engine:?}");
+    }
 }
