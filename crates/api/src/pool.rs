@@ -143,6 +143,9 @@ pub struct VmRecord {
 pub struct VmDetails {
     #[serde(flatten)]
     pub record: VmRecord,
+    /// The running VM's serial console (a Unix socket on the daemon's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_socket: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveFigures>,
 }

@@ -24,6 +24,34 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run one VM process driven over Cloud Hypervisor's REST API on a Unix socket.
     Vmm(VmmArgs),
+    /// Run the pool daemon: one VMM process per VM, state in DIR, REST API on a Unix socket.
+    Serve(ServeArgs),
+    /// Define a VM in the pool (and start it with --start).
+    Create(Box<CreateArgs>),
+    /// Start a defined VM.
+    Start(VmRef),
+    /// Stop a VM: ACPI power button, then forced after the daemon's stop timeout.
+    Stop(VmRef),
+    /// End a VM's VMM process at once.
+    Kill(VmRef),
+    /// Pause a VM's vCPUs.
+    Pause(VmRef),
+    /// Resume a paused VM.
+    Resume(VmRef),
+    /// Reboot a running VM.
+    Restart(VmRef),
+    /// Remove a stopped VM and its files.
+    Rm(VmRef),
+    /// List the pool's VMs.
+    Ls(ClientArgs),
+    /// Show a VM with live figures.
+    Inspect(VmRef),
+    /// Attach to a running VM's serial console (detach with Ctrl-]).
+    Console(VmRef),
+    /// Print a VM's console log.
+    Logs(LogsArgs),
+    /// Show the host's capacity and what the VMs use.
+    Pool(ClientArgs),
     /// Build guest images.
     #[command(subcommand)]
     Guest(GuestCommand),
@@ -80,6 +108,110 @@ pub struct VmmArgs {
     /// The Unix socket to serve the API on (PATH or path=PATH); created with mode 0600.
     #[arg(long, value_name = "PATH")]
     pub api_socket: String,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The API's Unix socket (mode 0600).
+    #[arg(long, env = "HYPERPOOL_SOCKET", default_value = "/run/hyperpool.sock")]
+    pub socket: PathBuf,
+    /// Where VM state, logs and disk overlays live.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/hyperpool")]
+    pub state_dir: PathBuf,
+    /// Also serve the API on TCP at ADDR (e.g. 127.0.0.1:8700); needs --token-file.
+    #[arg(long, value_name = "ADDR", requires = "token_file")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// File holding the bearer token TCP clients must send.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// vCPUs the pool may hand out per host core.
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Guest memory the pool may hand out per byte of host memory.
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_overcommit: f64,
+    /// Seconds a guest gets to power off after the power button before it is stopped by force.
+    #[arg(long, default_value_t = 30)]
+    pub stop_timeout: u64,
+}
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// The daemon's socket.
+    #[arg(long, env = "HYPERPOOL_SOCKET", default_value = "/run/hyperpool.sock")]
+    pub socket: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct VmRef {
+    /// The VM's name.
+    pub name: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Only the last N bytes.
+    #[arg(long, value_name = "N")]
+    pub bytes: Option<u64>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// The VM's name (a-z, 0-9, '-', '_').
+    pub name: Option<String>,
+    /// A VM spec file (JSON or TOML, the pool API's VmSpec); flags given too override it.
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
+    /// Start it right away.
+    #[arg(long)]
+    pub start: bool,
+    /// Kernel to boot; without one, the built-in probe guest.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub initramfs: Option<PathBuf>,
+    #[arg(long, value_name = "TEXT")]
+    pub cmdline: Option<String>,
+    /// vCPUs: N or boot=N[,features=-cx16,-xsave].
+    #[arg(long, value_name = "SPEC", value_parser = parse_cpus)]
+    pub cpus: Option<CpusConfig>,
+    /// Guest RAM: SIZE or size=SIZE (e.g. 512M).
+    #[arg(long, value_name = "SPEC", value_parser = parse_memory)]
+    pub memory: Option<MemoryConfig>,
+    /// A disk: path=FILE[,readonly=on][,num_queues=N][,id=SERIAL][,format=raw|qcow2], or
+    /// base=FILE for a copy-on-write overlay of FILE (repeatable).
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+    /// virtio-net on a TAP: tap=NAME[,mac=MAC][,num_queues=N] (repeatable).
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
+    /// virtio-vsock: cid=N,socket=PATH.
+    #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
+    /// Add a virtio-rng device.
+    #[arg(long)]
+    pub rng: bool,
+    /// What the daemon does when the VM ends by itself.
+    #[arg(long, value_enum)]
+    pub restart: Option<RestartArg>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RestartArg {
+    Never,
+    OnFailure,
+    Always,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

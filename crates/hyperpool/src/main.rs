@@ -1,8 +1,11 @@
 //! `hyperpool`: the hypervisor's one binary.
 
 mod cli;
+mod cmd_console;
 mod cmd_guest;
+mod cmd_pool;
 mod cmd_run;
+mod cmd_serve;
 mod cmd_vmm;
 
 use std::process::ExitCode;
@@ -23,6 +26,20 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Run(args) => cmd_run::run(*args, start),
         cli::Command::Vmm(args) => cmd_vmm::run(args, start),
+        cli::Command::Serve(args) => cmd_serve::run(args),
+        cli::Command::Create(args) => cmd_pool::create(*args),
+        cli::Command::Start(vm) => cmd_pool::lifecycle("start", vm),
+        cli::Command::Stop(vm) => cmd_pool::lifecycle("stop", vm),
+        cli::Command::Kill(vm) => cmd_pool::lifecycle("kill", vm),
+        cli::Command::Pause(vm) => cmd_pool::lifecycle("pause", vm),
+        cli::Command::Resume(vm) => cmd_pool::lifecycle("resume", vm),
+        cli::Command::Restart(vm) => cmd_pool::lifecycle("restart", vm),
+        cli::Command::Rm(vm) => cmd_pool::rm(vm),
+        cli::Command::Ls(args) => cmd_pool::ls(args),
+        cli::Command::Inspect(vm) => cmd_pool::inspect(vm),
+        cli::Command::Console(vm) => cmd_console::run(vm),
+        cli::Command::Logs(args) => cmd_pool::logs(args),
+        cli::Command::Pool(args) => cmd_pool::pool(args),
         cli::Command::Guest(args) => cmd_guest::run(args),
     };
     match result {

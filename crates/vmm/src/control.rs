@@ -387,6 +387,7 @@ impl Controller {
                     [
                         ("uptime_ms".to_string(), vm.uptime().as_millis() as u64),
                         ("boots".to_string(), self.boots),
+                        ("memory_resident_bytes".to_string(), vm.resident_memory()),
                     ]
                     .into(),
                 );

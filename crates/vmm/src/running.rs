@@ -127,6 +127,15 @@ impl RunningVm {
         self.memory_size
     }
 
+    /// Bytes of guest memory the host has actually backed (pages the guest touched).
+    pub fn resident_memory(&self) -> u64 {
+        self.machine
+            .memory
+            .iter()
+            .map(|r| resident_bytes(r.as_ptr(), r.len() as usize))
+            .sum()
+    }
+
     /// Exit counts per vCPU (`vcpu0`, ...).
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
         self.counters
@@ -144,6 +153,19 @@ impl RunningVm {
         stop_threads(std::mem::take(&mut self.threads));
         self.exit.wait()
     }
+}
+
+/// How much of `[addr, addr + len)` (a page-aligned mapping of ours) is in RAM, by mincore(2).
+fn resident_bytes(addr: *const u8, len: usize) -> u64 {
+    const PAGE: usize = 4096;
+    let mut map = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: `addr..addr+len` is one of our guest memory mappings (page-aligned, alive while
+    // `self.machine` is), and `map` has one byte per page of it, as mincore writes.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, map.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    map.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE as u64
 }
 
 /// Interrupts every vCPU thread until it has seen the exit request and returned. Repeats the kick

@@ -1,0 +1,507 @@
+//! The pool daemon on real KVM: many probe-guest VMs through the CLI, console attach, a daemon
+//! killed and restarted, VMMs killed, and nothing left behind.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    state: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, extra: &[&str]) -> Self {
+        let mut d = Self {
+            child: None,
+            socket: dir.join("pool.sock"),
+            state: dir.join("state"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.socket.with_extension("log"))
+            .unwrap();
+        let child = Command::new(common::hyperpool())
+            .arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.cli(&["pool"]).status.success() {
+            assert!(Instant::now() < deadline, "the daemon never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(common::hyperpool())
+            .args(args)
+            .env("HYPERPOOL_SOCKET", &self.socket)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a client command that must succeed.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "hyperpool {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    fn record(&self, name: &str) -> Value {
+        self.json(&["inspect", name])
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.socket.with_extension("log")).unwrap_or_default()
+    }
+
+    /// `hyperpool console NAME`: sends `ping`, expects `pong`, detaches with Ctrl-].
+    fn ping(&self, name: &str) {
+        let mut console = Command::new(common::hyperpool())
+            .args(["console", name])
+            .env("HYPERPOOL_SOCKET", &self.socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdin = console.stdin.take().unwrap();
+        let stdout = console.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        'outer: loop {
+            stdin.write_all(b"ping\n").unwrap();
+            while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+                if line.trim_end() == "pong" {
+                    break 'outer;
+                }
+                seen.push(line);
+            }
+            assert!(Instant::now() < deadline, "{name}: no pong; saw {seen:?}");
+        }
+        stdin.write_all(&[0x1d]).unwrap();
+        let status = console.wait().unwrap();
+        assert!(status.success(), "console exit {status}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Leave no VMM behind, even when a test fails half-way.
+        if let Ok(vms) = std::fs::read_dir(self.state.join("vms")) {
+            for vm in vms.flatten() {
+                let _ = self.cli(&["kill", &vm.file_name().to_string_lossy()]);
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn vmm_processes(state: &Path) -> Vec<u32> {
+    let needle = state.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("\0vmm\0") && c.contains(&needle)
+            })
+        })
+        .collect()
+}
+
+fn pid(record: &Value) -> u32 {
+    record["pid"].as_u64().unwrap() as u32
+}
+
+fn kill9(pid: u32) {
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn twenty_vms_answer_on_their_consoles_and_leave_nothing_behind() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 20 one-vCPU VMs on a 2-core host: more than the default 4 vCPUs per core.
+    let daemon = Daemon::start(dir.path(), &["--cpu-overcommit", "10"]);
+    let names: Vec<String> = (0..20).map(|i| format!("vm{i:02}")).collect();
+    let root = is_root();
+    // One VM has a NIC when we may create TAPs: its TAP must go away with it.
+    let tap = format!("hpdt{}", std::process::id() % 10000);
+    for (i, name) in names.iter().enumerate() {
+        let mut args = vec![
+            "create",
+            name,
+            "--memory",
+            "32M",
+            "--cmdline",
+            "probe=idle",
+            "--start",
+        ];
+        let net = format!("tap={tap}");
+        if i == 0 && root {
+            args.extend(["--net", &net]);
+        }
+        daemon.ok(&args);
+    }
+    let listed = daemon.json(&["ls"]);
+    let running = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["status"] == "running")
+        .count();
+    assert_eq!(running, 20, "{listed}");
+    assert_eq!(vmm_processes(&daemon.state).len(), 20);
+    for name in &names {
+        daemon.ping(name);
+    }
+    let table = daemon.ok(&["ls"]);
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" running ")).count(),
+        20,
+        "{table}"
+    );
+    let pool = daemon.json(&["pool"]);
+    assert_eq!(pool["allocated_vcpus"], 20);
+    assert_eq!(pool["allocated_memory_mib"], 20 * 32);
+    let details = daemon.record("vm03");
+    let live = &details["live"];
+    assert!(
+        live["resident_guest_bytes"].as_u64().unwrap() > 0,
+        "{details}"
+    );
+    assert!(live["vmm_rss_bytes"].as_u64().unwrap() > 0, "{details}");
+    let logs = daemon.ok(&["logs", "vm03"]);
+    assert!(logs.contains("PROBE idle ready\npong\n"), "{logs}");
+
+    // Stop (the probe powers off at the power button) and remove every VM.
+    for name in &names {
+        let out = daemon.ok(&["stop", name]);
+        assert!(out.contains("stopped"), "{out}");
+        daemon.ok(&["rm", name]);
+    }
+    assert_eq!(daemon.json(&["ls"]), Value::Array(vec![]));
+    assert!(vmm_processes(&daemon.state).is_empty());
+    let left: Vec<_> = std::fs::read_dir(daemon.state.join("vms"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "files left: {left:?}");
+    for name in &names {
+        for controller in ["memory", "cpu", "unified"] {
+            let cg = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join("hyperpool")
+                .join(name);
+            assert!(!cg.exists(), "{} left", cg.display());
+        }
+    }
+    if root {
+        let tap = format!("/sys/class/net/{tap}");
+        assert!(!Path::new(&tap).exists(), "{tap} left");
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next().map(|u| u == "0"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_restarted_daemon_takes_its_running_vms_back() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &[]);
+    for name in ["a", "b", "c"] {
+        daemon.ok(&[
+            "create",
+            name,
+            "--memory",
+            "32M",
+            "--cmdline",
+            "probe=idle",
+            "--start",
+        ]);
+    }
+    let before: Vec<u32> = ["a", "b", "c"]
+        .iter()
+        .map(|n| pid(&daemon.record(n)))
+        .collect();
+    daemon.kill9();
+    assert_eq!(
+        vmm_processes(&daemon.state).len(),
+        3,
+        "VMs outlive the daemon"
+    );
+    daemon.spawn();
+    for (name, pid_before) in ["a", "b", "c"].iter().zip(&before) {
+        let r = daemon.record(name);
+        assert_eq!(r["status"], "running", "{r}");
+        assert_eq!(pid(&r), *pid_before, "{r}");
+        daemon.ping(name);
+    }
+    daemon.ok(&["pause", "b"]);
+    assert_eq!(daemon.record("b")["status"], "paused");
+    daemon.ok(&["resume", "b"]);
+    daemon.ping("b");
+    // An adopted VMM that dies is noticed too.
+    kill9(before[2]);
+    wait_for("c crashed", || daemon.record("c")["status"] == "crashed");
+    for name in ["a", "b"] {
+        daemon.ok(&["stop", name]);
+    }
+    for name in ["a", "b", "c"] {
+        daemon.ok(&["rm", name]);
+    }
+    assert!(vmm_processes(&daemon.state).is_empty());
+}
+
+#[test]
+fn killed_vmms_are_crashes_and_policies_restart_them() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--stop-timeout", "2"]);
+    daemon.ok(&[
+        "create",
+        "never",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "probe=idle",
+        "--start",
+    ]);
+    daemon.ok(&[
+        "create",
+        "again",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "probe=idle",
+        "--start",
+        "--restart",
+        "on-failure",
+    ]);
+    // A guest that ignores the power button: stopped by force after the timeout.
+    daemon.ok(&[
+        "create",
+        "deaf",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "probe=cmdline probe.end=halt",
+        "--start",
+    ]);
+    let untouched = pid(&daemon.record("deaf"));
+
+    kill9(pid(&daemon.record("never")));
+    wait_for("never crashed", || {
+        daemon.record("never")["status"] == "crashed"
+    });
+    let r = daemon.record("never");
+    assert!(r["last_exit"].as_str().unwrap().contains("signal 9"), "{r}");
+
+    let first = pid(&daemon.record("again"));
+    kill9(first);
+    wait_for("again restarted", || {
+        let r = daemon.record("again");
+        r["restarts"] == 1 && r["status"] == "running"
+    });
+    assert_ne!(pid(&daemon.record("again")), first);
+    daemon.ping("again");
+    assert_eq!(
+        pid(&daemon.record("deaf")),
+        untouched,
+        "the others are untouched"
+    );
+
+    let t = Instant::now();
+    let out = daemon.ok(&["stop", "deaf"]);
+    assert!(out.contains("stopped"), "{out}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "forced only after the timeout"
+    );
+    // A stopped VM can start again; its clean power-off is not a crash.
+    daemon.ok(&["start", "never"]);
+    daemon.ping("never");
+    for name in ["never", "again"] {
+        daemon.ok(&["stop", name]);
+        assert_eq!(daemon.record(name)["status"], "stopped");
+    }
+    for name in ["never", "again", "deaf"] {
+        daemon.ok(&["rm", name]);
+    }
+}
+
+#[test]
+fn mistakes_get_one_line_and_exit_2() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123").unwrap();
+    let port = 20000 + std::process::id() % 20000;
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--listen", &listen, "--token-file", token.to_str().unwrap()],
+    );
+    let spec = dir.path().join("vm.toml");
+    std::fs::write(
+        &spec,
+        "name = \"fromfile\"\ncpus = 1\nmemory_mib = 32\ncmdline = \"probe=idle\"\n",
+    )
+    .unwrap();
+    daemon.ok(&["create", "--spec", spec.to_str().unwrap()]);
+    assert_eq!(daemon.record("fromfile")["status"], "stopped");
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["create", "fromfile"], "exists already"),
+        (vec!["create", "Bad Name"], "name 'Bad Name'"),
+        (
+            vec![
+                "create", "big", "--cpus", "64", "--memory", "32M", "--start",
+            ],
+            "not enough CPU",
+        ),
+        (vec!["start", "nosuch"], "no VM named 'nosuch'"),
+        (
+            vec!["create", "d", "--disk", "path=/nonexistent.raw"],
+            "is not a file",
+        ),
+        (vec!["stop", "fromfile"], "is not running"),
+    ];
+    for (args, needle) in cases {
+        let out = daemon.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+    // The refused 'big' was defined but not started; nothing runs.
+    assert!(vmm_processes(&daemon.state).is_empty());
+
+    let no_daemon = Command::new(common::hyperpool())
+        .args(["ls", "--socket", "/nonexistent/pool.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(no_daemon.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_daemon.stderr).contains("hyperpool serve"));
+
+    // TCP needs the bearer token.
+    let url = format!("http://{listen}/v1/pool");
+    let curl = |extra: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl(&[]), "401");
+    assert_eq!(
+        curl(&["-H", "Authorization: Bearer wrong-token-000000"]),
+        "401"
+    );
+    assert_eq!(
+        curl(&["-H", "Authorization: Bearer 0123456789abcdef0123"]),
+        "200"
+    );
+
+    // Metrics speak Prometheus text.
+    let out = Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(&daemon.socket)
+        .arg("http://localhost/metrics")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("hyperpool_vms{status=\"stopped\"} 2"),
+        "{text}"
+    );
+    for name in ["fromfile", "big"] {
+        daemon.ok(&["rm", name]);
+    }
+}
