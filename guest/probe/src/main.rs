@@ -8,6 +8,9 @@
 extern crate alloc;
 
 mod acpi;
+mod arena;
+mod bench_blk;
+mod bench_net;
 mod blk;
 mod boot;
 mod builtins;
@@ -26,6 +29,7 @@ mod smp;
 mod time;
 mod user;
 mod virtio;
+mod vring;
 mod vsock;
 
 use alloc::format;
@@ -80,6 +84,8 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "net" => net::check(si.rsdp_paddr),
         "vsock-listen" => vsock::listen_check(si.rsdp_paddr),
         "console" => console::check(si.rsdp_paddr),
+        "bench-blk" => bench_blk::check(si, si_paddr, cmdline),
+        "bench-net" => bench_net::check(si, si_paddr, cmdline),
         _ => Err("unknown check".into()),
     }
 }
