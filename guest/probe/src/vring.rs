@@ -111,7 +111,25 @@ pub fn bring_up(found: &mut Found, i: usize, wanted: u64) -> Result<Device, Stri
     let df = found.functions[i].df;
     let ecam = found.ecam();
     let mut transport = found.open(i, BarNote::Index)?;
-    let regs = registers(&ecam, found, df)?;
+    match registers(&ecam, found, df)
+        .and_then(|regs| negotiate(&mut transport, df, wanted).map(|f| (regs, f)))
+    {
+        Ok((regs, features)) => Ok(Device {
+            df,
+            transport,
+            features,
+            regs,
+        }),
+        Err(e) => {
+            // A bounded reset: the transport's own drop would wait forever for a stuck device.
+            let _ = virtio::reset(transport, RESET_TIMEOUT_US);
+            Err(e)
+        }
+    }
+}
+
+/// Reset, ACKNOWLEDGE | DRIVER, features (`VERSION_1` required), FEATURES_OK.
+fn negotiate(transport: &mut PciTransport, df: DeviceFunction, wanted: u64) -> Result<u64, String> {
     transport.set_status(DeviceStatus::empty());
     transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
     let offered = transport.read_device_features();
@@ -125,12 +143,7 @@ pub fn bring_up(found: &mut Found, i: usize, wanted: u64) -> Result<Device, Stri
     if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
         return Err(format!("{df} did not accept features {features:#x}"));
     }
-    Ok(Device {
-        df,
-        transport,
-        features,
-        regs,
-    })
+    Ok(features)
 }
 
 impl Device {
