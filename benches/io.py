@@ -362,7 +362,8 @@ def fmt(v):
 
 
 def report(title, rows, results):
-    print(f"\n{title} (min / median / max over {len(results['hyperpool'])} runs)")
+    print(f"\n{title} (min / median / max over {len(results['hyperpool'])} runs; "
+          f"load average now {os.getloadavg()[0]:.2f})")
     cols = [k for k in ("hyperpool", "qemu", "host fio") if results.get(k)]
     head = f"{'figure':<22}{'unit':<8}" + "".join(f"{c:>34}" for c in cols)
     head += f"{'hp/qemu':>9}" + (f"{'hp/host':>9}" if "host fio" in cols else "") + "  target"

@@ -1,6 +1,6 @@
 //! hyperpool-probe: a bare-metal guest that checks what the VMM provides (CPUs, memory map,
-//! ACPI, ring-3 execution, PCI, virtio-rng) and reports one `PROBE <check> ok|FAIL ...` line
-//! per check on COM1. See `README.md`.
+//! ACPI, ring-3 execution, PCI, virtio devices), benchmarks its virtio-blk and virtio-net, and
+//! reports one `PROBE <check> ok|FAIL ...` line per check on COM1. See `README.md`.
 
 #![no_std]
 #![no_main]
