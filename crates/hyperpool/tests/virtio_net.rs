@@ -4,74 +4,17 @@
 
 mod common;
 
+use common::netns::*;
 use common::*;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const TAP: &str = "hptap0";
 const MAC: &str = "52:54:00:12:34:56";
 
-/// True when the test can run; without root or `ip` it skips, except under CI=true.
-fn can_run() -> bool {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let ip = Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let python = Command::new("python3")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if root && ip && python {
-        return true;
-    }
-    let why = format!("needs root, `ip` and python3 (root={root} ip={ip} python3={python})");
-    assert!(!ci, "{why} on a CI machine");
-    eprintln!("skipping: {why}");
-    false
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A network namespace, removed on drop (also when the test fails), with the processes run
-/// inside it killed first.
-struct Netns {
-    name: String,
-    children: Vec<Child>,
-}
-
-impl Netns {
-    fn new() -> Self {
-        // Tests run in parallel: one namespace per test thread.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let name = format!("hp-test-{}-{n}", std::process::id());
-        let _ = ip(&["netns", "del", &name]);
-        assert!(ip(&["netns", "add", &name]), "ip netns add {name}");
-        Self {
-            name,
-            children: Vec::new(),
-        }
-    }
-
-    fn exec(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
-    }
-
-    /// A UDP echo server on 10.77.0.1:7 (IP_FREEBIND: the address comes with the TAP later).
-    fn start_echo_server(&mut self) {
-        let script = "import socket\n\
+/// A UDP echo server on 10.77.0.1:7 in `ns` (IP_FREEBIND: the address comes with the TAP later).
+fn start_echo_server(ns: &mut Netns) {
+    let script = "import socket\n\
                       s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
                       s.setsockopt(socket.SOL_IP, 15, 1)\n\
                       s.bind(('10.77.0.1', 7))\n\
@@ -79,54 +22,43 @@ impl Netns {
                       while True:\n\
                       \x20   d, a = s.recvfrom(65536)\n\
                       \x20   s.sendto(d, a)\n";
-        let child = self
-            .exec("python3")
-            .args(["-c", script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn the UDP echo server");
-        self.children.push(child);
-    }
-
-    /// Waits for the VMM to create the TAP, then gives it 10.77.0.1/24 and brings it up.
-    fn configure_tap(&self, limit: Duration) -> Result<(), String> {
-        let ns = self.name.as_str();
-        let start = Instant::now();
-        while !ip(&["-n", ns, "link", "show", TAP]) {
-            if start.elapsed() > limit {
-                return Err(format!("{TAP} did not appear in {ns} within {limit:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for args in [
-            ["-n", ns, "addr", "add", "10.77.0.1/24", "dev", TAP].as_slice(),
-            ["-n", ns, "link", "set", TAP, "up"].as_slice(),
-        ] {
-            if !ip(args) {
-                return Err(format!("ip {}", args.join(" ")));
-            }
-        }
-        Ok(())
-    }
+    let child = ns
+        .exec("python3")
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn the UDP echo server");
+    ns.keep(child);
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
+/// Waits for the VMM to create the TAP in `ns`, then gives it 10.77.0.1/24 and brings it up.
+fn configure_tap(ns: &Netns, limit: Duration) -> Result<(), String> {
+    let ns = ns.name.as_str();
+    let start = Instant::now();
+    while !ip(&["-n", ns, "link", "show", TAP]) {
+        if start.elapsed() > limit {
+            return Err(format!("{TAP} did not appear in {ns} within {limit:?}"));
         }
-        let _ = ip(&["netns", "del", &self.name]);
+        std::thread::sleep(Duration::from_millis(5));
     }
+    for args in [
+        ["-n", ns, "addr", "add", "10.77.0.1/24", "dev", TAP].as_slice(),
+        ["-n", ns, "link", "set", TAP, "up"].as_slice(),
+    ] {
+        if !ip(args) {
+            return Err(format!("ip {}", args.join(" ")));
+        }
+    }
+    Ok(())
 }
 
 #[test]
 fn probe_udp_echo_through_a_tap_in_a_namespace() {
-    if !kvm_available() || !can_run() {
+    if !kvm_available() || !netns_available() {
         return;
     }
-    udp_echo("");
+    udp_echo("net1", "");
 }
 
 /// Two queue pairs: a multi-queue TAP, one fd per pair. The probe's driver does not negotiate
@@ -134,15 +66,15 @@ fn probe_udp_echo_through_a_tap_in_a_namespace() {
 /// every frame (the ARP reply, the echo) to reach pair 0.
 #[test]
 fn probe_udp_echo_with_two_queue_pairs() {
-    if !kvm_available() || !can_run() {
+    if !kvm_available() || !netns_available() {
         return;
     }
-    udp_echo(",num_queues=4");
+    udp_echo("net2", ",num_queues=4");
 }
 
-fn udp_echo(extra: &str) {
-    let mut ns = Netns::new();
-    ns.start_echo_server();
+fn udp_echo(tag: &str, extra: &str) {
+    let mut ns = Netns::new(tag);
+    start_echo_server(&mut ns);
     let spec = format!("tap={TAP},mac={MAC}{extra}");
     let child = ns
         .exec(hyperpool().to_str().unwrap())
@@ -160,7 +92,7 @@ fn udp_echo(extra: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn hyperpool in the namespace");
-    let configured = ns.configure_tap(Duration::from_secs(10));
+    let configured = configure_tap(&ns, Duration::from_secs(10));
     let out = wait_with_limit(child, PROBE_LIMIT);
     if let Err(e) = configured {
         panic!("{e}\n{}", out.describe());

@@ -1,4 +1,5 @@
-//! Kernel command line: `probe=a,b,c` and `probe.end=<action>`.
+//! Kernel command line: `probe=a,b,c`, `probe.end=<action>`, and numeric options such as
+//! `bench.ms=N` that single checks look up with [`number`].
 
 use crate::end::EndAction;
 
@@ -59,5 +60,42 @@ impl<'a> Options<'a> {
     /// The selected check names (empty items skipped).
     pub fn check_names(&self) -> impl Iterator<Item = &'a str> {
         self.checks.split(',').filter(|s| !s.is_empty())
+    }
+}
+
+/// The value of the last `key=<decimal>` word of `cmdline`: `Ok(None)` if absent, `Err` (the
+/// check's FAIL text) if present but not a number.
+pub fn number(cmdline: &str, key: &str) -> Result<Option<u64>, alloc::string::String> {
+    let mut found = None;
+    for word in cmdline.split_ascii_whitespace() {
+        if let Some(v) = word.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+            found = Some(v);
+        }
+    }
+    match found {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| alloc::format!("{key}={v} is not a number")),
+    }
+}
+
+/// [`number`] with a default and an accepted range.
+pub fn number_in(
+    cmdline: &str,
+    key: &str,
+    default: u64,
+    range: core::ops::RangeInclusive<u64>,
+) -> Result<u64, alloc::string::String> {
+    let v = number(cmdline, key)?.unwrap_or(default);
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(alloc::format!(
+            "{key}={v} is outside {}..={}",
+            range.start(),
+            range.end()
+        ))
     }
 }

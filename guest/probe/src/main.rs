@@ -1,6 +1,6 @@
 //! hyperpool-probe: a bare-metal guest that checks what the VMM provides (CPUs, memory map,
-//! ACPI, ring-3 execution, PCI, virtio-rng) and reports one `PROBE <check> ok|FAIL ...` line
-//! per check on COM1. See `README.md`.
+//! ACPI, ring-3 execution, PCI, virtio devices), benchmarks its virtio-blk and virtio-net, and
+//! reports one `PROBE <check> ok|FAIL ...` line per check on COM1. See `README.md`.
 
 #![no_std]
 #![no_main]
@@ -9,6 +9,9 @@ extern crate alloc;
 
 mod acpi;
 mod apic;
+mod arena;
+mod bench_blk;
+mod bench_net;
 mod blk;
 mod boot;
 mod builtins;
@@ -29,6 +32,7 @@ mod smp;
 mod time;
 mod user;
 mod virtio;
+mod vring;
 mod vsock;
 
 use alloc::format;
@@ -85,6 +89,8 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "console" => console::check(si.rsdp_paddr),
         "intx" => intx::check(si.rsdp_paddr),
         "idle" => idle::run(si.rsdp_paddr),
+        "bench-blk" => bench_blk::check(si, si_paddr, cmdline),
+        "bench-net" => bench_net::check(si, si_paddr, cmdline),
         _ => Err("unknown check".into()),
     }
 }

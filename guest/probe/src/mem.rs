@@ -11,7 +11,7 @@ const PAGE: u64 = 4096;
 
 /// Ranges never touched: VMM data (start_info/memmap, cmdline, ACPI) plus our own image
 /// and the AP trampoline, and whatever start_info points at.
-fn reserved(si: &StartInfo, start_info_paddr: u64) -> Vec<(u64, u64)> {
+pub fn reserved(si: &StartInfo, start_info_paddr: u64) -> Vec<(u64, u64)> {
     unsafe extern "C" {
         static __image_start: u8;
         static __image_end: u8;
@@ -36,7 +36,7 @@ fn reserved(si: &StartInfo, start_info_paddr: u64) -> Vec<(u64, u64)> {
     r
 }
 
-fn overlaps(page: u64, reserved: &[(u64, u64)]) -> bool {
+pub fn overlaps(page: u64, reserved: &[(u64, u64)]) -> bool {
     reserved.iter().any(|&(s, e)| page < e && page + PAGE > s)
 }
 

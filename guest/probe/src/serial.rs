@@ -36,6 +36,11 @@ pub fn print_fmt(args: fmt::Arguments<'_>) {
     let _ = Com1(&mut uart).write_fmt(args);
 }
 
+/// A byte the host sent to COM1, if one is waiting.
+pub fn try_read_byte() -> Option<u8> {
+    COM1.lock().try_receive_byte().ok()
+}
+
 /// Writes formatted text, bypassing the lock (panic/exception paths, lock may be held).
 pub fn print_fmt_emergency(args: fmt::Arguments<'_>) {
     let mut uart = com1();

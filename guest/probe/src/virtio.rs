@@ -15,7 +15,9 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 use virtio_drivers::device::common::Feature;
 use virtio_drivers::queue::VirtQueue;
-use virtio_drivers::transport::pci::bus::{DeviceFunction, PCI_CAP_ID_VNDR, PciRoot};
+use virtio_drivers::transport::pci::bus::{
+    CapabilityInfo, DeviceFunction, PCI_CAP_ID_VNDR, PciRoot,
+};
 use virtio_drivers::transport::pci::{PciTransport, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_VENDOR_ID};
 use virtio_drivers::transport::{DeviceStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
@@ -121,6 +123,7 @@ pub enum BarNote {
 /// The virtio functions on bus 0 that a check drives, with the `PciRoot` to bring them up.
 /// Shared by every virtio check (`blk`, `console`, `net`, `rng`, `vsock`).
 pub struct Found {
+    ecam: Ecam,
     root: PciRoot<Ecam>,
     /// Number of functions on bus 0 (matching or not), for "not found" messages.
     pub scanned: usize,
@@ -143,6 +146,7 @@ pub fn find(
         .filter(|f| f.vendor == VIRTIO_VENDOR_ID && want(&root, f))
         .collect();
     Ok(Found {
+        ecam,
         root,
         scanned,
         functions,
@@ -174,6 +178,16 @@ pub fn open_first(
 }
 
 impl Found {
+    /// The ECAM window the functions were found through.
+    pub fn ecam(&self) -> Ecam {
+        self.ecam
+    }
+
+    /// A function's PCI capabilities (bounded, as a looping list is the device's bug).
+    pub fn capabilities(&self, df: DeviceFunction) -> impl Iterator<Item = CapabilityInfo> + '_ {
+        self.root.capabilities(df).take(pci::MAX_CAPS)
+    }
+
     /// Brings up `functions[i]` to a `PciTransport`: its BARs must be assigned and reachable
     /// through the probe's page tables (nothing here assigns them), then memory/I/O decoding
     /// and bus mastering are enabled. The caller owns the device from there (and its reset).
@@ -231,12 +245,12 @@ fn has_modern_interface(root: &PciRoot<Ecam>, f: &pci::Function) -> bool {
     })
 }
 
-/// Resets the device (status 0) and waits, bounded, for it to read back 0. Consumes the
-/// transport without running its `Drop`, which would spin forever on a device that never
-/// completes the reset.
-fn reset(mut transport: PciTransport) -> Result<(), String> {
+/// Resets the device (status 0) and waits, at most `timeout_us`, for it to read back 0.
+/// Consumes the transport without running its `Drop`, which would spin forever on a device
+/// that never completes the reset.
+pub fn reset(mut transport: PciTransport, timeout_us: u64) -> Result<(), String> {
     transport.set_status(DeviceStatus::empty());
-    let deadline = time::rdtsc() + time::ticks_for_us(REQUEST_TIMEOUT_US);
+    let deadline = time::rdtsc() + time::ticks_for_us(timeout_us);
     let result = loop {
         let status = transport.get_status();
         if status.is_empty() {
@@ -290,7 +304,7 @@ fn read_rng(found: &mut Found, i: usize) -> Result<Vec<u8>, String> {
         while !queue.can_pop() {
             if time::rdtsc() > deadline {
                 let status = transport.get_status();
-                let reset = reset(transport); // before `buf` can be freed
+                let reset = reset(transport, REQUEST_TIMEOUT_US); // before `buf` can be freed
                 return Err(format!(
                     "{df} request {requests} not completed within {} ms (status {status:?}){}",
                     REQUEST_TIMEOUT_US / 1000,
@@ -309,7 +323,7 @@ fn read_rng(found: &mut Found, i: usize) -> Result<Vec<u8>, String> {
         return Err(format!("{df} status {status:?} after reading"));
     }
     // Reset the device before the queue's DMA memory is freed.
-    reset(transport).map_err(|e| format!("{df} {e}"))?;
+    reset(transport, REQUEST_TIMEOUT_US).map_err(|e| format!("{df} {e}"))?;
     drop(queue);
     Ok(buf)
 }

@@ -1,6 +1,8 @@
 //! Running the real `hyperpool` binary on real KVM, with time limits, and reading what it printed.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
