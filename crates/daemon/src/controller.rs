@@ -220,12 +220,18 @@ impl Controller {
         // The config must convert now, so a bad spec is refused at create, not at start.
         let cfg = spec::vm_config(&spec, &self.settings.layout).map_err(|e| error(400, e))?;
         cfg.check().map_err(|e| error(400, e.to_string()))?;
-        for (i, d) in spec.disks.iter().enumerate() {
-            let path = d.base.as_ref().or(d.path.as_ref());
-            if let Some(p) = path
-                && !std::path::Path::new(p).is_file()
-            {
-                return Err(error(400, format!("disks[{i}]: {p} is not a file")));
+        let files = spec
+            .disks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                Some((format!("disks[{i}]"), d.base.as_ref().or(d.path.as_ref())?))
+            })
+            .chain(spec.kernel.iter().map(|k| ("kernel".to_string(), k)))
+            .chain(spec.initramfs.iter().map(|k| ("initramfs".to_string(), k)));
+        for (field, path) in files {
+            if !std::path::Path::new(path).is_file() {
+                return Err(error(400, format!("{field}: {path} is not a file")));
             }
         }
         let name = spec.name.clone();

@@ -154,9 +154,21 @@ struct CreateQuery {
 }
 
 async fn create(State(s): State<AppState>, Query(q): Query<CreateQuery>, body: Bytes) -> Response {
-    let spec: VmSpec = match serde_json::from_slice(&body) {
+    let mut json = serde_json::Deserializer::from_slice(&body);
+    let spec: VmSpec = match serde_path_to_error::deserialize(&mut json) {
         Ok(spec) => spec,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid VM spec: {e}")),
+        Err(e) if e.path().to_string() == "." => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid VM spec: {}", e.inner()),
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid VM spec: field `{}`: {}", e.path(), e.inner()),
+            );
+        }
     };
     let name = spec.name.clone();
     let created = match act(&s, PoolAction::Create(Box::new(spec))).await {

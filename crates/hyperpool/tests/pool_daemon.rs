@@ -505,3 +505,127 @@ fn mistakes_get_one_line_and_exit_2() {
         daemon.ok(&["rm", name]);
     }
 }
+
+/// `curl --unix-socket`: (status, body).
+fn curl(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}", "-X", method, "--unix-socket"])
+        .arg(socket);
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let out = cmd.arg(format!("http://localhost{path}")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+/// The repo's OpenAPI document as JSON, for validating responses against its schemas.
+fn openapi() -> Value {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/pool-api.yaml"),
+    )
+    .unwrap();
+    serde_norway::from_str(&text).unwrap()
+}
+
+/// Checks `instance` against `#/components/schemas/<schema>` of the document.
+fn assert_matches_schema(doc: &Value, schema: &str, instance: &Value) {
+    let root = serde_json::json!({
+        "components": doc["components"],
+        "$ref": format!("#/components/schemas/{schema}"),
+    });
+    let validator = jsonschema::validator_for(&root).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{schema}: {errors:?}\n{instance}");
+}
+
+#[test]
+fn bad_specs_are_refused_naming_the_field_and_responses_match_the_document() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--memory-overcommit", "1.0"]);
+    let s = &daemon.socket;
+    let cases = [
+        (r#"{"name": "a", "bogus": 1}"#, "bogus"),
+        (r#"{"name": "a", "memory_mib": -1}"#, "memory_mib"),
+        (r#"{"name": "a", "memory_mib": 0}"#, "memory"),
+        (r#"{"name": "a", "cpus": 0}"#, "cpus"),
+        (
+            r#"{"name": "a", "kernel": "/nonexistent/vmlinux"}"#,
+            "kernel",
+        ),
+        (r#"{"name": "../etc"}"#, "name"),
+        (r#"{"name": "a/b"}"#, "name"),
+        (
+            r#"{"name": "a", "disks": [{"path": "/x", "size": 1}]}"#,
+            "disks[0].size",
+        ),
+    ];
+    for (body, field) in cases {
+        let (code, text) = curl(s, "POST", "/v1/vms", Some(body));
+        assert_eq!(code, 400, "{body}: {text}");
+        let err: Value = serde_json::from_str(&text).unwrap();
+        let msg = err["error"].as_str().unwrap();
+        assert!(msg.contains(field), "{body}: {msg}");
+    }
+    // Nothing half-created: no records, no VM directories.
+    assert_eq!(daemon.json(&["ls"]), Value::Array(vec![]));
+    assert_eq!(
+        std::fs::read_dir(daemon.state.join("vms")).unwrap().count(),
+        0
+    );
+
+    // Memory overcommit 1.0: a VM larger than the host's memory is defined but not started.
+    let (code, text) = curl(
+        s,
+        "POST",
+        "/v1/vms?start=true",
+        Some(r#"{"name": "huge", "memory_mib": 4194304, "cmdline": "probe=idle"}"#),
+    );
+    assert_eq!(code, 409, "{text}");
+    assert!(text.contains("not enough memory in the pool"), "{text}");
+    assert!(vmm_processes(&daemon.state).is_empty());
+
+    // Responses have the documented shapes.
+    let doc = openapi();
+    let (code, text) = curl(
+        s,
+        "POST",
+        "/v1/vms?start=true",
+        Some(r#"{"name": "ok", "memory_mib": 32, "cmdline": "probe=idle"}"#),
+    );
+    assert_eq!(code, 201, "{text}");
+    assert_matches_schema(&doc, "VmRecord", &serde_json::from_str(&text).unwrap());
+    for (path, schema) in [
+        ("/v1/vms/ok", "VmDetails"),
+        ("/v1/vms/huge", "VmDetails"),
+        ("/v1/pool", "PoolInfo"),
+    ] {
+        let (code, text) = curl(s, "GET", path, None);
+        assert_eq!(code, 200, "{path}: {text}");
+        assert_matches_schema(&doc, schema, &serde_json::from_str(&text).unwrap());
+    }
+    let (_, text) = curl(s, "GET", "/v1/vms", None);
+    for record in serde_json::from_str::<Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+    {
+        assert_matches_schema(&doc, "VmRecord", record);
+    }
+    let (code, text) = curl(s, "GET", "/v1/vms/nosuch", None);
+    assert_eq!(code, 404);
+    assert_matches_schema(&doc, "ApiError", &serde_json::from_str(&text).unwrap());
+    let (code, text) = curl(s, "POST", "/v1/vms/ok/stop", None);
+    assert_eq!(code, 200, "{text}");
+    assert_matches_schema(&doc, "VmRecord", &serde_json::from_str(&text).unwrap());
+    for name in ["ok", "huge"] {
+        assert_eq!(curl(s, "DELETE", &format!("/v1/vms/{name}"), None).0, 204);
+    }
+}
