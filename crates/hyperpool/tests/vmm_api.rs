@@ -156,6 +156,8 @@ fn lifecycle_through_the_api() {
     vmm.ok("vm.reboot", None);
     wait_log(&log, "PROBE done", 2);
     assert_eq!(vmm.state(), "Running");
+    let counters: Value = vmm.api.get("/api/v1/vm.counters").unwrap().json().unwrap();
+    assert_eq!(counters["vm"]["boots"], json!(2), "{counters}");
 
     vmm.ok("vm.shutdown", None);
     assert_eq!(vmm.state(), "Shutdown");
@@ -168,6 +170,53 @@ fn lifecycle_through_the_api() {
     let socket = vmm.socket.clone();
     assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);
     assert!(!socket.exists(), "the API socket is removed");
+}
+
+#[test]
+fn disk_counters_through_the_api() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let vmm = Vmm::start(dir.path());
+    let mut cfg = probe_config(dir.path(), "probe=blk probe.end=halt");
+    cfg["disks"] = json!([{"path": image}]);
+    vmm.ok("vm.create", Some(cfg));
+    vmm.ok("vm.boot", None);
+    let text = wait_log(&dir.path().join("console.log"), "PROBE done", 1);
+    assert!(text.contains("PROBE blk ok"), "{text}");
+
+    // The probe wrote 8 sectors, flushed and read them back.
+    let counters: Value = vmm.api.get("/api/v1/vm.counters").unwrap().json().unwrap();
+    let disk = &counters["disk0"];
+    let get = |name: &str| {
+        disk[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no disk0.{name}: {counters}"))
+    };
+    assert!(get("write_bytes") >= 4096, "{counters}");
+    assert!(get("read_bytes") >= 4096, "{counters}");
+    assert!(get("write_ops") > 0, "{counters}");
+    assert!(get("read_ops") > 0, "{counters}");
+    assert!(get("flush_ops") > 0, "{counters}");
+    assert_eq!(get("errors"), 0, "{counters}");
+    assert!(
+        counters["vcpu0"]["exits"].as_u64().unwrap() > 0,
+        "{counters}"
+    );
+
+    // A reboot builds the devices again: their counts start over with the new boot.
+    vmm.ok("vm.reboot", None);
+    wait_log(&dir.path().join("console.log"), "PROBE done", 2);
+    let again: Value = vmm.api.get("/api/v1/vm.counters").unwrap().json().unwrap();
+    assert_eq!(again["disk0"], counters["disk0"], "{again}");
+    vmm.ok("vmm.shutdown", None);
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);
 }
 
 #[test]

@@ -102,7 +102,11 @@ struct Controller {
     kvm: Kvm,
     events: Sender<Event>,
     vm: Option<Defined>,
+    /// Generation of the current boot: bumped on every boot and stop, so an exit event from an
+    /// older boot is recognised as stale.
     boots: u64,
+    /// How many times the VM booted (for `vm.counters`).
+    boot_count: u64,
     start: Instant,
 }
 
@@ -114,6 +118,7 @@ pub fn serve(events: Sender<Event>, inbox: Receiver<Event>, start: Instant) -> R
         events,
         vm: None,
         boots: 0,
+        boot_count: 0,
         start,
     };
     for event in inbox {
@@ -318,6 +323,7 @@ impl Controller {
         drop(images);
         let vm = RunningVm::start(machine)?;
         self.boots += 1;
+        self.boot_count += 1;
         let (boot, exit, events) = (self.boots, vm.exit().clone(), self.events.clone());
         std::thread::Builder::new()
             .name("vm-exit".into())
@@ -386,7 +392,7 @@ impl Controller {
                     "vm".into(),
                     [
                         ("uptime_ms".to_string(), vm.uptime().as_millis() as u64),
-                        ("boots".to_string(), self.boots),
+                        ("boots".to_string(), self.boot_count),
                         ("memory_resident_bytes".to_string(), vm.resident_memory()),
                     ]
                     .into(),

@@ -28,7 +28,9 @@ use crate::error::{Error, Result};
 use crate::pci::Pci;
 use crate::serial_io;
 use crate::vcpu::{self, Buses, VcpuSpec};
-use hyperpool_devices::virtio::{Console, ConsoleInput, Rng, VirtioDevice, VirtioPciDevice, Vsock};
+use hyperpool_devices::virtio::{
+    Console, ConsoleInput, CounterSet, Rng, VirtioDevice, VirtioPciDevice, Vsock,
+};
 use vm_memory::GuestMemoryAtomic;
 
 /// The ACPI sleep type for S5 that the DSDT advertises and [`AcpiPm`] accepts.
@@ -43,6 +45,14 @@ pub struct BootImages<'a> {
     pub initramfs: Option<Vec<u8>>,
 }
 
+/// A device the VM reports figures for (`vm.counters`).
+pub struct DeviceInfo {
+    /// `disk0`, `disk1`, ... and `net0`, ... in slot order; `rng`; `vsock`.
+    pub id: String,
+    /// The device's counters, which its threads update while the VM runs.
+    pub counters: Arc<dyn CounterSet>,
+}
+
 /// A built VM whose vCPUs have not started yet.
 pub struct Machine {
     // Field order is drop order: vCPUs and devices go before the VM, memory last.
@@ -53,6 +63,7 @@ pub struct Machine {
     pub input: serial_io::HostInput,
     /// The ACPI power button's event device.
     pub ged: Arc<Mutex<Ged>>,
+    pub devices: Vec<DeviceInfo>,
     pub vm: Arc<VmFd>,
     pub memory: GuestMemoryMmap,
 }
@@ -78,6 +89,7 @@ pub fn build(
         exit: parts.exit,
         input: parts.input,
         ged: parts.ged,
+        devices: parts.devices,
         vm,
         memory,
     })
@@ -105,6 +117,7 @@ struct Parts {
     exit: Arc<ExitSignal>,
     input: serial_io::HostInput,
     ged: Arc<Mutex<Ged>>,
+    devices: Vec<DeviceInfo>,
 }
 
 /// Everything but memory registration: ACPI, the kernel, devices and vCPUs.
@@ -155,7 +168,8 @@ fn populate(
     let mut mmio = Bus::new();
     let ged = power_button(vm, &mut mmio)?;
     let pci = Pci::new(vm, cfg.memory.size)?;
-    let input = match add_devices(&pci, memory, cfg)? {
+    let (devices, console) = add_devices(&pci, memory, cfg)?;
+    let input = match console {
         Some(console) if cfg.console == ConsoleConfig::Tty => {
             serial_io::HostInput::Console(console)
         }
@@ -191,6 +205,7 @@ fn populate(
         exit,
         input,
         ged,
+        devices,
     })
 }
 
@@ -205,29 +220,38 @@ fn power_button(vm: &VmFd, mmio: &mut Bus) -> Result<Arc<Mutex<Ged>>> {
     Ok(ged)
 }
 
-/// The VM's PCI devices, in slot order: one line per device kind. Returns the virtio console's
-/// input, if there is a console.
+/// The VM's PCI devices, in slot order: one line per device kind. Returns the devices with
+/// counters, and the virtio console's input, if there is a console.
 fn add_devices(
     pci: &Pci,
     memory: &GuestMemoryMmap,
     cfg: &VmConfig,
-) -> Result<Option<ConsoleInput>> {
+) -> Result<(Vec<DeviceInfo>, Option<ConsoleInput>)> {
+    let mut devices = Vec::new();
+    let mut counted = |id: String, counters: Arc<dyn CounterSet>| {
+        devices.push(DeviceInfo { id, counters });
+    };
     if cfg.rng {
-        add_virtio(pci, memory, Box::new(Rng::new()))?;
+        let dev = Rng::new();
+        counted("rng".into(), dev.counters());
+        add_virtio(pci, memory, Box::new(dev))?;
     }
     if let Some(v) = &cfg.vsock {
         let dev = Vsock::new(u64::from(v.cid), &v.socket)
             .map_err(|e| Error::Config(format!("--vsock socket={}: {e}", v.socket.display())))?;
+        counted("vsock".into(), dev.counters());
         add_virtio(pci, memory, Box::new(dev))?;
     }
-    for disk in crate::disk::open_all(&cfg.disks)? {
+    for (i, disk) in crate::disk::open_all(&cfg.disks)?.into_iter().enumerate() {
+        counted(format!("disk{i}"), disk.counters());
         add_virtio(pci, memory, Box::new(disk))?;
     }
-    for net in crate::net::open_all(&cfg.nets)? {
+    for (i, net) in crate::net::open_all(&cfg.nets)?.into_iter().enumerate() {
+        counted(format!("net{i}"), net.counters());
         add_virtio(pci, memory, Box::new(net))?;
     }
     let console = add_console(pci, memory, cfg)?;
-    Ok(console)
+    Ok((devices, console))
 }
 
 /// Puts a virtio device on the PCI segment with its own MSI-X vectors.

@@ -136,13 +136,19 @@ impl RunningVm {
             .sum()
     }
 
-    /// Exit counts per vCPU (`vcpu0`, ...).
+    /// Exit counts per vCPU (`vcpu0`, ...) and I/O counts per device (`disk0`, `net0`, ...).
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
-        self.counters
+        let vcpus = self
+            .counters
             .iter()
             .enumerate()
-            .map(|(i, c)| (format!("vcpu{i}"), c.snapshot()))
-            .collect()
+            .map(|(i, c)| (format!("vcpu{i}"), c.snapshot()));
+        let devices = self
+            .machine
+            .devices
+            .iter()
+            .map(|d| (d.id.clone(), d.counters.snapshot()));
+        vcpus.chain(devices).collect()
     }
 
     /// Ends the VM: asks for `request` (unless something asked first), stops the vCPU threads

@@ -7,6 +7,8 @@
 //!   sink the PCI side implements ([`VirtioInterrupt`]) and the ISR register ([`IsrStatus`]).
 //! - [`chain`]: descriptor chains walked and checked ([`chain::collect_chain`]), and why a queue
 //!   broke ([`chain::ChainError`]).
+//! - [`counters`]: what devices did (bytes, requests, frames), counted without locks for the
+//!   VMM's `vm.counters` ([`CounterSet`]).
 //! - [`worker`]: the thread a device runs its queue work on, woken by the queue eventfds.
 //! - [`pci_transport`]: the virtio-pci BAR (common config, ISR, notify, device config) and the
 //!   vendor capabilities that describe it ([`VirtioPciTransport`]).
@@ -22,6 +24,7 @@
 pub mod block;
 pub mod chain;
 pub mod console;
+pub mod counters;
 pub mod device;
 pub mod interrupt;
 pub mod net;
@@ -34,15 +37,16 @@ pub mod worker;
 #[cfg(test)]
 mod tests;
 
-pub use block::Block;
+pub use block::{Block, BlockCounters};
 pub use console::{Console, ConsoleInput};
+pub use counters::CounterSet;
 pub use device::{ActivateError, ActivatedQueue, VirtioDevice};
 pub use interrupt::{DeviceInterrupt, IsrStatus, VirtioInterrupt};
-pub use net::Net;
+pub use net::{Net, NetCounters};
 pub use pci_device::{VirtioPciDevice, VirtioPciError};
 pub use pci_transport::{PciIds, VirtioPciCap, VirtioPciTransport};
-pub use rng::Rng;
-pub use vsock::Vsock;
+pub use rng::{Rng, RngCounters};
+pub use vsock::{Vsock, VsockCounters};
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 

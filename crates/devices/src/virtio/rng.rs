@@ -2,6 +2,7 @@
 //! filled with bytes from the host's `getrandom`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
@@ -9,6 +10,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap, Permissions,
 };
 
+use super::counters::counter_set;
 use super::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use super::interrupt::DeviceInterrupt;
 use super::worker::{QueueWorker, Served, after_serving};
@@ -20,15 +22,29 @@ const QUEUE_SIZES: [u16; 1] = [256];
 /// from the used length), so one hostile request cannot keep the thread busy for long.
 const MAX_BYTES_PER_CHAIN: u32 = 1 << 20;
 
+counter_set! {
+    /// Entropy served: bytes given to the driver, and the requests (chains) they filled.
+    pub struct RngCounters {
+        read_bytes,
+        read_ops,
+    }
+}
+
 /// The virtio entropy device.
 #[derive(Default)]
 pub struct Rng {
     worker: Option<QueueWorker>,
+    counters: Arc<RngCounters>,
 }
 
 impl Rng {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// What the device has served since it was built (across driver resets).
+    pub fn counters(&self) -> Arc<RngCounters> {
+        self.counters.clone()
     }
 }
 
@@ -63,9 +79,11 @@ impl VirtioDevice for Rng {
         };
         self.reset();
         let rekick = event.try_clone().map_err(ActivateError::Thread)?;
+        let counters = self.counters.clone();
         let worker = QueueWorker::spawn("virtio-rng".into(), vec![(index, event)], move |_| {
             let guard = mem.memory();
-            after_serving(serve(&mut queue, &guard, &interrupt), &rekick, &interrupt)
+            let served = serve(&mut queue, &guard, &interrupt, &counters);
+            after_serving(served, &rekick, &interrupt)
         })
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
@@ -133,6 +151,7 @@ fn serve(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &DeviceInterrupt,
+    counters: &RngCounters,
 ) -> Result<Served, QueueError> {
     let mut used_any = false;
     let mut budget = usize::from(queue.size());
@@ -166,6 +185,8 @@ fn serve(
             if count == 0 || !ends {
                 return Err(QueueError::BadChain { head });
             }
+            counters.read_ops.inc();
+            counters.read_bytes.add(u64::from(written));
             queue.add_used(mem, head, written)?;
             used_any = true;
         }

@@ -11,7 +11,7 @@ use super::pci_transport::{
     BAR_SIZE, DEVICE_OFFSET, ISR_OFFSET, NOTIFY_OFF_MULTIPLIER, NOTIFY_OFFSET, PciIds, cfg_type,
     notify_offset,
 };
-use super::{NO_VECTOR, Rng, VirtioInterrupt, VirtioPciTransport, features, status};
+use super::{NO_VECTOR, Rng, RngCounters, VirtioInterrupt, VirtioPciTransport, features, status};
 
 const MEM_SIZE: usize = 1 << 20;
 const DESC: u64 = 0x1000;
@@ -56,6 +56,7 @@ struct Driver {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     irq: Arc<Recorder>,
     avail_idx: u16,
+    counters: Arc<RngCounters>,
 }
 
 // Common config offsets, as a driver knows them from the spec.
@@ -80,13 +81,15 @@ impl Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mem = GuestMemoryAtomic::new(mem);
         let irq = Arc::new(Recorder::default());
-        let t =
-            VirtioPciTransport::new(Box::new(Rng::new()), mem.clone(), irq.clone(), 0, 2).unwrap();
+        let rng = Rng::new();
+        let counters = rng.counters();
+        let t = VirtioPciTransport::new(Box::new(rng), mem.clone(), irq.clone(), 0, 2).unwrap();
         Self {
             t,
             mem,
             irq,
             avail_idx: 0,
+            counters,
         }
     }
 
@@ -303,6 +306,11 @@ fn rng_fills_buffers_and_interrupts_queue_vector() {
     assert_eq!(d.buf(BUFS + 0x2000, 32), vec![0; 32]);
     // Beyond the 64-byte buffer: untouched.
     assert_eq!(d.buf(BUFS + 64, 64), vec![0; 64]);
+    // Served: the writable bytes only, per chain.
+    assert_eq!(
+        (d.counters.read_ops.get(), d.counters.read_bytes.get()),
+        (3, 64 + 128 + 16)
+    );
     assert!(d.irq.wait_for(1), "queue vector 1 never fired");
     assert!(!d.irq.vectors.lock().unwrap().contains(&0), "no config irq");
     // INTx view: ISR bit 0, read-to-clear.
@@ -469,6 +477,11 @@ fn descriptor_loop_sets_needs_reset_without_hanging() {
     d.post(0);
     d.notify();
     assert!(d.wait_needs_reset());
+    // The chain was never completed, so nothing counts as served.
+    assert_eq!(
+        (d.counters.read_ops.get(), d.counters.read_bytes.get()),
+        (0, 0)
+    );
     // The transport still answers and a reset brings the device back.
     d.set_status(0);
     assert_eq!(d.status(), 0);

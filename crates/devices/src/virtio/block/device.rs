@@ -10,6 +10,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
 use super::backend::DiskBackend;
+use super::counters::BlockCounters;
 use super::feature;
 use super::raw::{DiskError, RawFile};
 use super::request::SECTOR_SIZE;
@@ -76,6 +77,7 @@ pub struct Block {
     engine: IoEngine,
     running: Option<IoEngine>,
     worker: Option<QueueWorker>,
+    counters: Arc<BlockCounters>,
 }
 
 impl Block {
@@ -110,7 +112,13 @@ impl Block {
             engine: IoEngine::Uring,
             running: None,
             worker: None,
+            counters: Arc::default(),
         }
+    }
+
+    /// What the device has done since it was built (across driver resets).
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
     }
 
     /// The engine to use from the next activation on (the default is [`IoEngine::Uring`]).
@@ -252,6 +260,7 @@ impl VirtioDevice for Block {
             self.readonly,
             write_through,
             self.serial,
+            self.counters.clone(),
         );
         tracing::debug!("virtio-blk: {} queues active, {engine:?} I/O", states.len());
         let worker = QueueWorker::spawn("virtio-blk".into(), events, move |token| {

@@ -5,6 +5,7 @@
 //! - [`backend`]: what the device needs from an image ([`DiskBackend`]); [`raw`]: raw files
 //!   ([`RawFile`]), locked with `flock` so two VMs cannot write one image; [`qcow2`]: qcow2 images
 //!   with backing chains ([`Qcow2File`], on the `imago` crate).
+//! - [`counters`]: what the device did ([`BlockCounters`]), for the VMM's `vm.counters`.
 //! - [`device`]: the virtio device ([`Block`]): features, configuration space, and the worker
 //!   thread that serves every queue; [`server`]: what that thread does with a queue's requests.
 //! - [`uring`]: raw images' IN/OUT/FLUSH on an io_uring per queue, with [`iovec`] pointing
@@ -18,6 +19,7 @@
 //! device's queues, but never a vCPU.
 
 pub mod backend;
+pub mod counters;
 pub mod device;
 pub mod iovec;
 pub mod qcow2;
@@ -30,6 +32,7 @@ pub mod uring;
 mod tests;
 
 pub use backend::DiskBackend;
+pub use counters::BlockCounters;
 pub use device::{Block, IoEngine, SERIAL_LEN, serial_for};
 pub use qcow2::{Qcow2Error, Qcow2File};
 pub use raw::{DiskError, RawFile};

@@ -122,6 +122,16 @@ pub fn gather(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> bool {
 }
 
 impl Request {
+    /// Bytes of data the request moves between disk and guest: what IN reads into, what OUT
+    /// writes from; 0 for other types.
+    pub fn data_len(&self) -> u64 {
+        match self.kind {
+            RequestType::In => total_len(&self.writable),
+            RequestType::Out => total_len(&self.readable),
+            _ => 0,
+        }
+    }
+
     /// Parses the descriptors of one chain, in order.
     pub fn parse(mem: &GuestMemoryMmap, descs: &[RawDesc]) -> Result<Self, ParseError> {
         let mut readable = Vec::new();

@@ -16,6 +16,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::backend::DiskBackend;
+use super::counters::BlockCounters;
 use super::device::{
     DISCARD_SEGMENT_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_REQUEST_BYTES, SERIAL_LEN,
     WRITE_ZEROES_UNMAP,
@@ -94,6 +95,7 @@ pub struct Server {
     serial: [u8; SERIAL_LEN],
     bounce: Vec<u8>,
     descs: Vec<RawDesc>,
+    counters: Arc<BlockCounters>,
 }
 
 impl Server {
@@ -104,6 +106,7 @@ impl Server {
         readonly: bool,
         write_through: bool,
         serial: [u8; SERIAL_LEN],
+        counters: Arc<BlockCounters>,
     ) -> Self {
         Self {
             backend,
@@ -112,6 +115,7 @@ impl Server {
             serial,
             bounce: vec![0; BOUNCE_LEN],
             descs: Vec::new(),
+            counters,
         }
     }
 
@@ -136,7 +140,7 @@ impl Server {
         mem: &Arc<GuestMemoryMmap>,
         interrupt: &DeviceInterrupt,
     ) -> Result<(), QueueError> {
-        let used = reap(q, mem)?;
+        let used = reap(q, mem, &self.counters)?;
         self.finish(q, mem, interrupt, used)
     }
 
@@ -155,7 +159,7 @@ impl Server {
             // than after another wake-up of the thread (hence the eventfd is cleared first; a
             // completion after that raises it again).
             ring.clear_completion_event();
-            used |= reap(q, mem)?;
+            used |= reap(q, mem, &self.counters)?;
             // Room again for chains that waited: take them now, as their wake-up was cleared.
             if q.throttled && q.ring.as_ref().is_some_and(|r| !r.is_full()) {
                 self.take_requests(q, mem, &mut used)?;
@@ -218,13 +222,19 @@ impl Server {
                 if self.descs.is_empty() || !ends {
                     return Err(QueueError::BadChain { head });
                 }
+                // Counted before the used ring shows the request done, so a driver that reads
+                // the counters after a completion sees it.
                 let finished = match Request::parse(m, &self.descs) {
                     Ok(req) => self
                         .start(ring.as_mut(), mem, head, &req)
                         .map_err(QueueError::Uring)?
-                        .map(|outcome| (req.status, outcome)),
+                        .map(|outcome| {
+                            self.counters.completed(req.kind, req.data_len(), outcome.0);
+                            (req.status, outcome)
+                        }),
                     Err(ParseError::Invalid { status, why }) => {
                         tracing::debug!("virtio-blk: request at {head}: {why}");
+                        self.counters.errors.inc();
                         Some((status, IOERR))
                     }
                     Err(ParseError::Broken(why)) => {
@@ -437,8 +447,13 @@ impl Server {
     }
 }
 
-/// Puts the requests that queue `q`'s ring has finished in the used ring; true if any.
-fn reap(q: &mut QueueState, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+/// Counts and puts the requests that queue `q`'s ring has finished in the used ring; true if
+/// any.
+fn reap(
+    q: &mut QueueState,
+    mem: &GuestMemoryMmap,
+    counters: &BlockCounters,
+) -> Result<bool, QueueError> {
     let QueueState { queue, ring, .. } = q;
     let Some(ring) = ring else {
         return Ok(false);
@@ -447,6 +462,7 @@ fn reap(q: &mut QueueState, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
     let mut failed = None;
     ring.reap(|c| {
         if failed.is_none() {
+            counters.completed(c.kind, c.bytes, c.outcome.0);
             match put_used(queue, mem, c.head, c.status, c.outcome) {
                 Ok(()) => used = true,
                 Err(e) => failed = Some(e),

@@ -5,6 +5,7 @@
 mod bench;
 mod driver;
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{Block, DiskError, IoEngine, RawFile, feature, serial_for, status};
-use crate::virtio::{VirtioDevice, features};
+use crate::virtio::{CounterSet, VirtioDevice, features};
 
 use driver::{
     DATA, DISK_SIZE, Driver, ENGINES, HDR, MEM_SIZE, QSIZE, Req, STATUS, TIMEOUT, batch_data,
@@ -471,6 +472,13 @@ fn many_requests_in_flight_complete_out_of_order() {
         }
         // The flush completed after every write made available before it.
         assert!((0..15).all(|i| pos(i) < pos(FLUSH)), "{engine:?}: {used:?}");
+        let c = d.dev.counters();
+        assert_eq!(
+            (c.write_ops.get(), c.write_bytes.get(), c.flush_ops.get()),
+            (15, 15 * 4096, 1),
+            "{engine:?}"
+        );
+        assert_eq!((c.read_ops.get(), c.read_bytes.get()), (16, 16 * 4096));
         match d.expect {
             IoEngine::Sync => assert!((0..32).all(|i| pos(i) == i), "{used:?}"),
             // The reads after the flush did not wait for its fdatasync: they were in flight
@@ -609,6 +617,96 @@ fn one_chain_posted_many_times_while_in_flight() {
         assert_eq!(d.batch_data(0, 4096), vec![7; 4096]);
         assert!(!d.irq.needs_reset());
     }
+}
+
+fn block_counts(pairs: [(&str, u64); 8]) -> BTreeMap<String, u64> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+#[test]
+fn counters_count_completed_requests_exactly() {
+    for engine in ENGINES {
+        counters_count_completed_requests_exactly_on(engine);
+    }
+}
+
+fn counters_count_completed_requests_exactly_on(engine: IoEngine) {
+    let mut d = Driver::on(engine, false, 1);
+    let c = d.dev.counters();
+    let ok = |errors| {
+        block_counts([
+            ("read_bytes", 8192),
+            ("write_bytes", 4096),
+            ("read_ops", 1),
+            ("write_ops", 1),
+            ("flush_ops", 1),
+            ("discard_ops", 1),
+            ("write_zeroes_ops", 1),
+            ("errors", errors),
+        ])
+    };
+    d.fill(4096, 0x3c);
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_OUT, 1, 4096), (status::OK, 1));
+    assert_eq!(d.simple(b::VIRTIO_BLK_T_FLUSH), (status::OK, 1));
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, 0, 8192).0, status::OK);
+    assert_eq!(
+        d.ranges(b::VIRTIO_BLK_T_DISCARD, &[(64, 8, 0)]).0,
+        status::OK
+    );
+    assert_eq!(
+        d.ranges(b::VIRTIO_BLK_T_WRITE_ZEROES, &[(80, 8, 0), (96, 8, 1)])
+            .0,
+        status::OK
+    );
+    // Neither data nor a failure.
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_GET_ID, 0, 20).0, status::OK);
+    assert_eq!(d.simple(0x1234).0, status::UNSUPP);
+    assert_eq!(c.snapshot(), ok(0), "{engine:?}");
+
+    // Refused requests are errors and move no data: out of range, data in the wrong direction
+    // (a "read" whose buffer the device may only read), a short header.
+    let sectors = DISK_SIZE / 512;
+    assert_eq!(d.rw(b::VIRTIO_BLK_T_IN, sectors, 4096).0, status::IOERR);
+    d.header(b::VIRTIO_BLK_T_IN, 0);
+    let r = d.submit_on(
+        0,
+        &[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)],
+    );
+    assert_eq!(r, Some((status::IOERR, 1)));
+    d.header(b::VIRTIO_BLK_T_OUT, 0);
+    let r = d.submit_on(
+        0,
+        &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+    );
+    assert_eq!(r, Some((status::IOERR, 1)));
+    let r = d.submit_on(0, &[(HDR, 8, false), (STATUS, 1, true)]);
+    assert_eq!(r, Some((status::IOERR, 1)));
+    assert_eq!(c.snapshot(), ok(4), "{engine:?}");
+
+    // A hostile chain that breaks the queue (its data runs outside guest memory) completes
+    // nothing, so counts nothing.
+    d.header(b::VIRTIO_BLK_T_IN, 0);
+    let r = d.submit_on(
+        0,
+        &[
+            (HDR, 16, false),
+            (MEM_SIZE as u64 - 256, 4096, true),
+            (STATUS, 1, true),
+        ],
+    );
+    assert!(r.is_none() && d.irq.needs_reset());
+    assert_eq!(c.snapshot(), ok(4), "{engine:?}");
+
+    // The counts outlive a driver reset; a read-only disk's refused write is an error too.
+    d.dev.reset();
+    assert_eq!(c.snapshot(), ok(4));
+    let mut r = Driver::on(engine, true, 1);
+    assert_eq!(r.rw(b::VIRTIO_BLK_T_OUT, 0, 512).0, status::IOERR);
+    let rc = r.dev.counters();
+    assert_eq!(
+        (rc.write_ops.get(), rc.write_bytes.get(), rc.errors.get()),
+        (0, 0, 1)
+    );
 }
 
 /// A disk in memory: a backend with no file to do direct I/O on (like qcow2).

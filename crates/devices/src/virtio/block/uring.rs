@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::DiskBackend;
 use super::iovec::{GuestIovecs, Iovecs};
-use super::request::Segment;
+use super::request::{RequestType, Segment};
 use super::status;
 
 /// A request's outcome: its status and how many bytes of its writable buffers were filled.
@@ -48,6 +48,10 @@ pub struct Completed {
     pub head: u16,
     pub status: GuestAddress,
     pub outcome: Outcome,
+    /// IN, OUT or FLUSH.
+    pub kind: RequestType,
+    /// Data bytes transferred (all of the request's when it succeeded).
+    pub bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +128,14 @@ impl Op {
             Progress::Done(status::OK)
         } else {
             Progress::Again
+        }
+    }
+
+    fn request_type(&self) -> RequestType {
+        match self.kind {
+            Kind::Read => RequestType::In,
+            Kind::Write { .. } => RequestType::Out,
+            Kind::Flush => RequestType::Flush,
         }
     }
 
@@ -333,6 +345,8 @@ impl UringQueue {
             head: op.head,
             status: op.status,
             outcome: op.outcome(status),
+            kind: op.request_type(),
+            bytes: op.done,
         });
         Ok(())
     }
@@ -509,6 +523,11 @@ mod tests {
         }
         let heads: Vec<u16> = done.iter().map(|c| c.head).collect();
         assert!(heads == [1, 3] || heads == [3, 1], "{heads:?}");
+        let what: Vec<(RequestType, u64)> = done.iter().map(|c| (c.kind, c.bytes)).collect();
+        assert!(
+            what.contains(&(RequestType::Out, 4096)) && what.contains(&(RequestType::In, 512)),
+            "{what:?}"
+        );
         assert!(done.iter().all(|c| c.outcome.0 == status::OK));
         // The write's completion released the flush.
         assert_eq!((q.in_flight(), q.in_kernel, q.parked.len()), (1, 1, 0));
@@ -517,7 +536,9 @@ mod tests {
             vec![Completed {
                 head: 2,
                 status: GuestAddress(2),
-                outcome: (status::OK, 0)
+                outcome: (status::OK, 0),
+                kind: RequestType::Flush,
+                bytes: 0,
             }]
         );
         let mut back = [0u8; 4096];

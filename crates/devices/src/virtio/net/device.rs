@@ -20,8 +20,9 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{Ctrl, Steering};
-use super::pair::{PairQueue, PairSpec, PairThread};
+use super::pair::{PairCounters, PairQueue, PairSpec, PairThread};
 use super::tap::{MAX_QUEUES, Tap, VNET_HDR_LEN, offload};
+use crate::virtio::counters::Summed;
 use crate::virtio::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use crate::virtio::interrupt::DeviceInterrupt;
 use crate::virtio::{GuestMemoryHandle, features};
@@ -55,6 +56,9 @@ const CONFIG_SIZE: usize = 10;
 /// The most queue pairs a device takes (one TAP queue each).
 pub const MAX_PAIRS: usize = MAX_QUEUES;
 
+/// A network device's traffic: its pairs' counts, summed.
+pub type NetCounters = Summed<PairCounters>;
+
 /// The virtio network device on a TAP.
 pub struct Net {
     /// One TAP queue per pair.
@@ -62,6 +66,8 @@ pub struct Net {
     mac: [u8; 6],
     queue_sizes: Vec<u16>,
     workers: Vec<Worker>,
+    /// One set per pair: pairs count on their own threads.
+    counters: Arc<NetCounters>,
 }
 
 struct Worker {
@@ -91,6 +97,7 @@ impl Net {
             queue_sizes.push(CTRL_QUEUE_SIZE);
         }
         Ok(Self {
+            counters: Arc::new(Summed::new(taps.len())),
             taps,
             mac,
             queue_sizes,
@@ -100,6 +107,11 @@ impl Net {
 
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// What the device has carried since it was built (across driver resets), over all pairs.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
     }
 
     pub fn pairs(&self) -> usize {
@@ -257,6 +269,9 @@ impl VirtioDevice for Net {
         };
         let usable = data.len();
         for (pair, (rx, tx)) in data.into_iter().enumerate() {
+            let counters = self.counters.part(pair).cloned().ok_or_else(|| {
+                ActivateError::Other(format!("no counters for queue pair {pair}"))
+            })?;
             let spec = PairSpec {
                 pair,
                 tap: self.taps[pair].try_clone().map_err(ActivateError::Thread)?,
@@ -268,6 +283,7 @@ impl VirtioDevice for Net {
                 steering: steering.clone(),
                 ctrl: ctrl.take(),
                 kill: EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Thread)?,
+                counters,
             };
             let (thread, kill) = PairThread::new(spec).map_err(ActivateError::Thread)?;
             let name = if usable > 1 {

@@ -19,5 +19,5 @@ pub mod tap;
 #[cfg(test)]
 mod tests;
 
-pub use device::Net;
+pub use device::{Net, NetCounters};
 pub use tap::Tap;

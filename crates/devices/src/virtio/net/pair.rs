@@ -34,6 +34,7 @@ use super::device::{MAX_FRAME, feature};
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::virtio::GuestMemoryHandle;
 use crate::virtio::chain::{ChainError, Desc, collect_chain};
+use crate::virtio::counters::counter_set;
 use crate::virtio::interrupt::DeviceInterrupt;
 
 /// `virtio_net_hdr` flags and GSO types.
@@ -89,6 +90,22 @@ impl From<virtio_queue::Error> for NetError {
     }
 }
 
+counter_set! {
+    /// One pair's traffic, in Cloud Hypervisor's names; bytes are Ethernet frames without the
+    /// virtio-net header. Dropped: frames that never reached the TAP or the driver (unusable,
+    /// too big for the buffers, refused by the TAP). Aligned so that pairs, each counting on
+    /// its own thread, never write to one cache line.
+    #[repr(align(64))]
+    pub struct PairCounters {
+        rx_bytes,
+        rx_frames,
+        rx_dropped,
+        tx_bytes,
+        tx_frames,
+        tx_dropped,
+    }
+}
+
 /// A queue of the pair: the ring, the eventfd the driver's notifications arrive on, and its
 /// index in the device (for the interrupt's vector).
 pub(super) struct PairQueue {
@@ -110,6 +127,7 @@ pub(super) struct PairSpec {
     /// The control queue, on pair 0's thread.
     pub ctrl: Option<Ctrl>,
     pub kill: EventFd,
+    pub counters: Arc<PairCounters>,
 }
 
 /// Progress of one pass over a queue.
@@ -148,6 +166,7 @@ pub(super) struct PairThread {
     /// The used index of RX when we last decided about an interrupt.
     rx_signalled: u16,
     warned: bool,
+    counters: Arc<PairCounters>,
 }
 
 impl PairThread {
@@ -187,6 +206,7 @@ impl PairThread {
             pending: None,
             rx_signalled,
             warned: false,
+            counters: spec.counters,
         };
         Ok((thread, spec.kill))
     }
@@ -361,6 +381,7 @@ impl PairThread {
     fn send_frame(&mut self, mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<(), NetError> {
         let total: u64 = descs.iter().map(|d| u64::from(d.len)).sum();
         if total < VNET_HDR_LEN as u64 || total > self.buf.len() as u64 {
+            self.counters.tx_dropped.inc();
             self.warn_once(&format_args!("dropped a TX frame of {total} bytes"));
             return Ok(());
         }
@@ -375,14 +396,20 @@ impl PairThread {
             at += n;
         }
         if let Err(why) = check_tx_header(&self.buf[..VNET_HDR_LEN], self.features) {
+            self.counters.tx_dropped.inc();
             self.warn_once(&format_args!("dropped a TX frame: {why}"));
             return Ok(());
         }
         loop {
             match self.tap.write_frame(&self.buf[..at]) {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.counters.tx_frames.inc();
+                    self.counters.tx_bytes.add((at - VNET_HDR_LEN) as u64);
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    self.counters.tx_dropped.inc();
                     self.warn_once(&format_args!("TAP write of {at} bytes: {e}"));
                     return Ok(());
                 }
@@ -405,6 +432,7 @@ impl PairThread {
                 None if !has_avail(&self.queues[RX].queue, mem)? => 0,
                 None => match self.tap.read_frame(&mut self.buf) {
                     Ok(n) if n < VNET_HDR_LEN => {
+                        self.counters.rx_dropped.inc();
                         budget -= 1;
                         continue;
                     }
@@ -483,6 +511,7 @@ impl PairThread {
                 !chains.is_empty()
             };
             if never {
+                self.counters.rx_dropped.inc();
                 self.warn_once(&format_args!(
                     "dropped an RX frame of {len} bytes for {cap} bytes of buffers"
                 ));
@@ -514,6 +543,9 @@ impl PairThread {
             }
             used.push((*head, (at - start) as u32));
         }
+        // Counted before the driver can see the frame, so its completion implies the count.
+        self.counters.rx_frames.inc();
+        self.counters.rx_bytes.add((len - VNET_HDR_LEN) as u64);
         publish_used(q, mem, &used)?;
         Ok(Delivery::Done)
     }

@@ -10,9 +10,11 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use super::ctrl::{CLASS_MQ, ERR, MQ_VQ_PAIRS_SET, OK};
 use super::device::{feature, test_check_tx_header};
-use super::{Net, Tap};
+use super::{Net, NetCounters, Tap};
 use crate::virtio::pci_transport::{DEVICE_OFFSET, notify_offset};
-use crate::virtio::{VirtioDevice, VirtioInterrupt, VirtioPciTransport, features, status};
+use crate::virtio::{
+    CounterSet, VirtioDevice, VirtioInterrupt, VirtioPciTransport, features, status,
+};
 
 const MEM_SIZE: usize = 4 << 20;
 const QSIZE: u16 = 16;
@@ -72,6 +74,7 @@ struct Driver {
     /// The other end of each TAP queue.
     peers: Vec<OwnedFd>,
     peer: OwnedFd,
+    counters: Arc<NetCounters>,
 }
 
 impl Driver {
@@ -89,6 +92,7 @@ impl Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mem = GuestMemoryAtomic::new(mem);
         let dev = Net::new(taps, Some(MAC)).unwrap();
+        let counters = dev.counters();
         let queues = dev.queue_max_sizes().len();
         let t = VirtioPciTransport::new(
             Box::new(dev),
@@ -105,6 +109,7 @@ impl Driver {
             avail: vec![0; queues],
             peers,
             peer,
+            counters,
         }
     }
 
@@ -176,6 +181,12 @@ impl Driver {
 
     fn notify(&mut self, q: u64) {
         self.w(notify_offset(q as usize), 2, q);
+    }
+
+    /// The device's counters: (name, value) for each that is not zero.
+    fn counts(&self) -> Vec<(String, u64)> {
+        let s = self.counters.snapshot();
+        s.into_iter().filter(|&(_, v)| v != 0).collect()
     }
 
     /// The peer of pair `pair`'s TAP queue.
@@ -436,6 +447,50 @@ fn rx_waits_for_buffers_and_fills_them() {
 }
 
 #[test]
+fn counters_count_frames_without_the_header_and_drops() {
+    let mut d = Driver::new();
+    d.start(BASE);
+    let f = frame(b"hello");
+    d.send(0, &f, 12);
+    assert!(d.wait_used(1, 1));
+    assert_eq!(d.peer_recv(TIMEOUT).unwrap(), f);
+    // An offload the driver did not negotiate: dropped.
+    let mut tso = frame(b"tso");
+    tso[1] = 1;
+    d.send(2, &tso, 12);
+    assert!(d.wait_used(1, 2));
+    // RX: one frame delivered; one too big for the next buffer dropped, the one after fits.
+    let small = frame(&[1u8; 100]);
+    d.post_rx(0, 2048);
+    d.peer_send(&small);
+    assert!(d.wait_used(0, 1));
+    d.post_rx(1, 100);
+    d.peer_send(&frame(&[2u8; 3000]));
+    d.peer_send(&f);
+    assert!(d.wait_used(0, 2));
+    assert_eq!(d.used_elem(0, 1), (1, f.len() as u32));
+    // Frame bytes are the Ethernet frame, without the 12-byte virtio-net header.
+    assert_eq!(
+        d.counts(),
+        [
+            ("rx_bytes".into(), (small.len() + f.len() - 24) as u64),
+            ("rx_dropped".into(), 1),
+            ("rx_frames".into(), 2),
+            ("tx_bytes".into(), (f.len() - 12) as u64),
+            ("tx_dropped".into(), 1),
+            ("tx_frames".into(), 1),
+        ]
+    );
+    // A chain that breaks the queue sends nothing and counts nothing.
+    d.write_desc(1, 4, MEM_SIZE as u64 - 8, 64, 0, 0);
+    d.post(1, 4);
+    d.notify(1);
+    assert!(d.wait_needs_reset());
+    assert_eq!(d.counters.snapshot()["tx_frames"], 1);
+    assert_eq!(d.counters.snapshot()["tx_dropped"], 1);
+}
+
+#[test]
 fn wrong_direction_and_bad_addresses_need_reset() {
     let mut d = Driver::new();
     d.start(BASE);
@@ -532,6 +587,17 @@ fn pair_1_carries_traffic_once_the_driver_asks_for_two_pairs() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(d.used_idx(RX1), 1, "pair 1 is idle again");
     assert!(!d.needs_reset());
+    // The device's counts are both pairs' summed.
+    let (rx, tx) = ((f.len() - 12) as u64, (g.len() - 12) as u64);
+    assert_eq!(
+        d.counts(),
+        [
+            ("rx_bytes".into(), 2 * rx),
+            ("rx_frames".into(), 2),
+            ("tx_bytes".into(), tx),
+            ("tx_frames".into(), 1),
+        ]
+    );
 }
 
 #[test]

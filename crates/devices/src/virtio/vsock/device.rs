@@ -8,6 +8,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
@@ -17,8 +18,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
-use super::packet::{self, HDR_LEN, MAX_PKT_DATA};
+use super::packet::{self, HDR_LEN, MAX_PKT_DATA, op};
 use crate::virtio::chain::{ChainError, collect_chain};
+use crate::virtio::counters::counter_set;
 use crate::virtio::device::{ActivateError, ActivatedQueue, VirtioDevice};
 use crate::virtio::interrupt::DeviceInterrupt;
 use crate::virtio::{GuestMemoryHandle, features};
@@ -30,12 +32,24 @@ const EVENT: usize = 2;
 const MUXER_TOKEN: u64 = 3;
 const KILL_TOKEN: u64 = u64::MAX;
 
+counter_set! {
+    /// Packets moved between the guest and the device (well-formed ones; a malformed TX packet
+    /// counts nothing), and the stream data (RW payload bytes) they carried.
+    pub struct VsockCounters {
+        rx_bytes,
+        rx_packets,
+        tx_bytes,
+        tx_packets,
+    }
+}
+
 /// The virtio socket device with its host side on Unix sockets.
 pub struct Vsock {
     cid: u64,
     /// `None` while the device thread owns it.
     muxer: Option<Muxer>,
     worker: Option<Worker>,
+    counters: Arc<VsockCounters>,
 }
 
 struct Worker {
@@ -50,7 +64,13 @@ impl Vsock {
             cid,
             muxer: Some(Muxer::bind(cid, socket)?),
             worker: None,
+            counters: Arc::default(),
         })
+    }
+
+    /// What the device has carried since it was built (across driver resets).
+    pub fn counters(&self) -> Arc<VsockCounters> {
+        self.counters.clone()
     }
 }
 
@@ -142,6 +162,7 @@ impl VirtioDevice for Vsock {
             epoll,
             kill: thread_kill,
             buf: vec![0u8; MAX_PKT_DATA as usize],
+            counters: self.counters.clone(),
         };
         match std::thread::Builder::new()
             .name("virtio-vsock".into())
@@ -182,6 +203,7 @@ struct Thread {
     epoll: Epoll,
     kill: EventFd,
     buf: Vec<u8>,
+    counters: Arc<VsockCounters>,
 }
 
 impl Thread {
@@ -269,7 +291,13 @@ impl Thread {
                 let head = chain.head_index();
                 let descs = collect_chain(chain, mem)?;
                 match packet::read_tx(mem, &descs)? {
-                    Ok((hdr, data)) => self.muxer.handle_tx(&hdr, &data),
+                    Ok((hdr, data)) => {
+                        self.counters.tx_packets.inc();
+                        if hdr.op == op::RW {
+                            self.counters.tx_bytes.add(data.len() as u64);
+                        }
+                        self.muxer.handle_tx(&hdr, &data)
+                    }
                     Err((hdr, why)) => self.muxer.handle_bad_tx(hdr, &why),
                 }
                 self.queues[TX].add_used(mem, head, 0)?;
@@ -309,6 +337,8 @@ impl Thread {
             match self.muxer.next_rx(&mut self.buf[..room]) {
                 Some((hdr, n)) => {
                     let written = packet::write_rx(mem, &descs, &hdr, &self.buf[..n])?;
+                    self.counters.rx_packets.inc();
+                    self.counters.rx_bytes.add(n as u64);
                     self.queues[RX].add_used(mem, head, written)?;
                     used = true;
                 }

@@ -19,4 +19,4 @@ pub mod packet;
 #[cfg(test)]
 mod tests;
 
-pub use device::Vsock;
+pub use device::{Vsock, VsockCounters};

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::Vsock;
 use super::packet::{HDR_LEN, Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
+use super::{Vsock, VsockCounters};
 use crate::virtio::pci_transport::{DEVICE_OFFSET, notify_offset};
 use crate::virtio::{VirtioInterrupt, VirtioPciTransport, features, status};
 
@@ -71,6 +71,7 @@ struct Driver {
     avail: [u16; 3],
     rx_seen: u16,
     tx_next_desc: u16,
+    counters: Arc<VsockCounters>,
 }
 
 impl Driver {
@@ -78,6 +79,7 @@ impl Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mem = GuestMemoryAtomic::new(mem);
         let dev = Vsock::new(CID, path).unwrap();
+        let counters = dev.counters();
         let t = VirtioPciTransport::new(Box::new(dev), mem.clone(), Arc::new(NoIrq), 0, 4).unwrap();
         let mut d = Self {
             t,
@@ -85,6 +87,7 @@ impl Driver {
             avail: [0; 3],
             rx_seen: 0,
             tx_next_desc: 0,
+            counters,
         };
         d.start();
         d
@@ -299,6 +302,10 @@ fn guest_connects_to_unix_listener_and_data_flows_both_ways() {
     let (h, data) = d.recv();
     assert_eq!((h.op, h.src_port, h.dst_port), (op::RW, 1234, 5000));
     assert_eq!(data, b"pong");
+    // Sent: REQUEST and two RW (7 bytes); received: RESPONSE and one RW (4 bytes).
+    let c = &d.counters;
+    assert_eq!((c.tx_packets.get(), c.tx_bytes.get()), (3, 7));
+    assert_eq!((c.rx_packets.get(), c.rx_bytes.get()), (2, 4));
 
     // Credit request is answered with our counters.
     d.send(g(op::CREDIT_REQUEST, 5000, 1234), &[]);
@@ -471,6 +478,10 @@ fn malformed_packets_are_dropped_or_reset() {
     // RST for nothing: no answer (no RST storms).
     d.send(g(op::RST, 77, 1234), &[]);
     assert!(d.recv_within(Duration::from_millis(100)).is_none());
+    // Of the data, only the well-formed RW (4 bytes, to no connection) was the guest's stream
+    // data; the truncated and oversized ones count nothing, and no data went to the guest.
+    assert_eq!(d.counters.tx_bytes.get(), 4);
+    assert_eq!(d.counters.rx_bytes.get(), 0);
 
     // Still a working device.
     d.send(g(op::REQUEST, 20, 1234), &[]);
