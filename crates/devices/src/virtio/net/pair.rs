@@ -165,6 +165,9 @@ pub(super) struct PairThread {
     pending: Option<usize>,
     /// The used index of RX when we last decided about an interrupt.
     rx_signalled: u16,
+    /// The driver notifies us of new RX buffers. Only wanted while we are out of them: a
+    /// notification per refill is an exit per refill.
+    rx_notify: bool,
     warned: bool,
     counters: Arc<PairCounters>,
 }
@@ -205,6 +208,7 @@ impl PairThread {
             buf: vec![0u8; MAX_FRAME],
             pending: None,
             rx_signalled,
+            rx_notify: true,
             warned: false,
             counters: spec.counters,
         };
@@ -419,6 +423,11 @@ impl PairThread {
 
     /// Moves frames from the TAP into the driver's RX chains while it has some posted.
     fn fill_rx(&mut self, mem: &GuestMemoryMmap) -> Result<Pass, NetError> {
+        if self.rx_notify {
+            // We have buffers (or are about to look): until they run out, refills need no kick.
+            self.queues[RX].queue.disable_notification(mem)?;
+            self.rx_notify = false;
+        }
         let mut used = false;
         let mut budget = self.queues[RX].queue.size();
         let mut rechecked = false;
@@ -465,6 +474,7 @@ impl PairThread {
                 Delivery::NoRoom => {
                     self.pending = (len > 0).then_some(len);
                     // Out of buffers: ask to be notified, and look once more for a racing post.
+                    self.rx_notify = true;
                     if !rechecked && self.queues[RX].queue.enable_notification(mem)? {
                         rechecked = true;
                         continue;
