@@ -1,8 +1,12 @@
 //! The local APIC and the IOAPIC as the interrupt-driven checks (`intx`, `idle`) program them.
 
 use ::acpi::madt::{Madt, MadtEntry};
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use x86_64::VirtAddr;
+use x86_64::structures::DescriptorTablePointer;
+use x86_64::structures::idt::InterruptDescriptorTable;
 
 /// A redirection entry with the mask bit set (nothing else).
 pub const RTE_MASKED: u32 = 1 << 16;
@@ -65,4 +69,32 @@ pub fn io_apic(rsdp: u64) -> Result<IoApic, String> {
         }
     }
     Err("no IOAPIC in the MADT".into())
+}
+
+/// Loads a copy of the probe's IDT with `handlers` (vector, entry point) added, each on IST1;
+/// returns the table that was loaded before, for a check that puts it back.
+///
+/// # Safety
+/// Each entry point must be an interrupt handler that preserves every register and ends in
+/// `iretq` (a stub from `global_asm!`).
+pub unsafe fn install_handlers(handlers: &[(u8, u64)]) -> Result<DescriptorTablePointer, String> {
+    let old = x86_64::instructions::tables::sidt();
+    if usize::from(old.limit) + 1 != core::mem::size_of::<InterruptDescriptorTable>() {
+        return Err(format!("loaded IDT has limit {:#x}", old.limit));
+    }
+    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied, not
+    // changed.
+    let copy = unsafe { core::ptr::read(old.base.as_ptr::<InterruptDescriptorTable>()) };
+    let idt: &'static mut InterruptDescriptorTable = Box::leak(Box::new(copy));
+    for &(vector, handler) in handlers {
+        // SAFETY: the caller vouches for the entry points; IST index 0 (IST1) is set up in
+        // cpu.rs.
+        unsafe {
+            idt[vector]
+                .set_handler_addr(VirtAddr::new(handler))
+                .set_stack_index(0);
+        }
+    }
+    idt.load();
+    Ok(old)
 }

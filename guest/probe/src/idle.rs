@@ -8,16 +8,13 @@
 //! count and EOI; the main loop does the work between `hlt`s. They run on IST1 because of the
 //! red zone.
 
-use crate::apic::{Mmio, io_apic};
+use crate::apic::{Mmio, install_handlers, io_apic};
 use crate::println;
-use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use core::sync::atomic::{AtomicU64, Ordering};
-use x86_64::VirtAddr;
 use x86_64::instructions::port::Port;
 use x86_64::registers::model_specific::Msr;
-use x86_64::structures::idt::InterruptDescriptorTable;
 
 const VEC_SERIAL: u8 = 0x50;
 const VEC_GED: u8 = 0x51;
@@ -94,7 +91,14 @@ pub fn run(rsdp: u64) -> Result<String, String> {
         Port::<u8>::new(0x21).write(0xff);
         Port::<u8>::new(0xa1).write(0xff);
     }
-    install_idt()?;
+    let handlers = [
+        (VEC_SERIAL, idle_isr_serial as *const () as u64),
+        (VEC_GED, idle_isr_ged as *const () as u64),
+        (VEC_SPURIOUS, idle_isr_spurious as *const () as u64),
+    ];
+    // SAFETY: the stubs above are interrupt entry points ending in iretq that preserve every
+    // register. The check never returns to a world without these vectors except to power off.
+    unsafe { install_handlers(&handlers) }?;
     EOI_ADDR.store(apic_base + APIC_EOI, Ordering::SeqCst);
     lapic.write(
         APIC_SVR,
@@ -146,31 +150,4 @@ pub fn run(rsdp: u64) -> Result<String, String> {
             ));
         }
     }
-}
-
-/// The probe's IDT plus this check's vectors; never restored (the check does not return to
-/// other checks' interrupt-free world except to power off).
-fn install_idt() -> Result<(), String> {
-    let old = x86_64::instructions::tables::sidt();
-    if usize::from(old.limit) + 1 != core::mem::size_of::<InterruptDescriptorTable>() {
-        return Err(format!("loaded IDT has limit {:#x}", old.limit));
-    }
-    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied.
-    let copy = unsafe { core::ptr::read(old.base.as_ptr::<InterruptDescriptorTable>()) };
-    let idt: &'static mut InterruptDescriptorTable = Box::leak(Box::new(copy));
-    for (vector, handler) in [
-        (VEC_SERIAL, idle_isr_serial as *const () as u64),
-        (VEC_GED, idle_isr_ged as *const () as u64),
-        (VEC_SPURIOUS, idle_isr_spurious as *const () as u64),
-    ] {
-        // SAFETY: each stub is an interrupt entry point ending in iretq that preserves every
-        // register; IST index 0 (IST1) is set up in cpu.rs.
-        unsafe {
-            idt[vector]
-                .set_handler_addr(VirtAddr::new(handler))
-                .set_stack_index(0);
-        }
-    }
-    idt.load();
-    Ok(())
 }

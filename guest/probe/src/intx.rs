@@ -15,11 +15,10 @@
 //! because of the red zone. The check loads its own copy of the IDT and puts the original
 //! back, masks the PIC, and leaves the IOAPIC entry masked and the timer stopped.
 
-use crate::apic::{IoApic, Mmio, RTE_MASKED, io_apic};
+use crate::apic::{IoApic, Mmio, RTE_MASKED, install_handlers, io_apic};
 use crate::pci::{self, Ecam};
 use crate::time;
 use crate::virtio::{self, ProbeHal};
-use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -28,11 +27,9 @@ use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
 use virtio_drivers::transport::{DeviceStatus, InterruptStatus, Transport};
-use x86_64::VirtAddr;
 use x86_64::instructions::port::Port;
-use x86_64::instructions::tables::{lidt, sidt};
+use x86_64::instructions::tables::lidt;
 use x86_64::registers::model_specific::Msr;
-use x86_64::structures::idt::InterruptDescriptorTable;
 
 const RNG_MODERN: u16 = 0x1044;
 const VEC_INTX: u8 = 0x40;
@@ -96,33 +93,6 @@ unsafe extern "C" {
     fn intx_isr_device();
     fn intx_isr_timer();
     fn intx_isr_spurious();
-}
-
-/// The probe's IDT with the check's three vectors added, and the one to put back.
-fn install_idt() -> Result<x86_64::structures::DescriptorTablePointer, String> {
-    let old = sidt();
-    if usize::from(old.limit) + 1 != core::mem::size_of::<InterruptDescriptorTable>() {
-        return Err(format!("loaded IDT has limit {:#x}", old.limit));
-    }
-    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied, not
-    // changed.
-    let copy = unsafe { core::ptr::read(old.base.as_ptr::<InterruptDescriptorTable>()) };
-    let idt: &'static mut InterruptDescriptorTable = Box::leak(Box::new(copy));
-    for (vector, handler) in [
-        (VEC_INTX, intx_isr_device as *const () as u64),
-        (VEC_TIMER, intx_isr_timer as *const () as u64),
-        (VEC_SPURIOUS, intx_isr_spurious as *const () as u64),
-    ] {
-        // SAFETY: each stub is an interrupt entry point ending in iretq that preserves every
-        // register; IST index 0 (IST1) is set up in cpu.rs.
-        unsafe {
-            idt[vector]
-                .set_handler_addr(VirtAddr::new(handler))
-                .set_stack_index(0);
-        }
-    }
-    idt.load();
-    Ok(old)
 }
 
 /// `sti; hlt` until `done` or `us` microseconds pass (the timer tick wakes `hlt`); interrupts
@@ -231,7 +201,14 @@ fn run(
         lapic: Mmio(apic_base),
         ioapic: None,
     };
-    restore.idt = Some(install_idt()?);
+    let handlers = [
+        (VEC_INTX, intx_isr_device as *const () as u64),
+        (VEC_TIMER, intx_isr_timer as *const () as u64),
+        (VEC_SPURIOUS, intx_isr_spurious as *const () as u64),
+    ];
+    // SAFETY: the stubs above are interrupt entry points ending in iretq that preserve every
+    // register.
+    restore.idt = Some(unsafe { install_handlers(&handlers) }?);
     EOI_ADDR.store(apic_base + APIC_EOI, Ordering::SeqCst);
     INTX_COUNT.store(0, Ordering::SeqCst);
     lapic.write(
