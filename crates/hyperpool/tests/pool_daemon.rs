@@ -629,3 +629,55 @@ fn bad_specs_are_refused_naming_the_field_and_responses_match_the_document() {
         assert_eq!(curl(s, "DELETE", &format!("/v1/vms/{name}"), None).0, 204);
     }
 }
+
+#[test]
+fn placement_pins_and_limits_the_vmm() {
+    if !common::kvm_available() || !is_root() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let last = cores - 1;
+    let spec = dir.path().join("pinned.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"pinned\"\nmemory_mib = 32\ncmdline = \"probe=idle\"\n\
+             [placement]\npin_cores = [{last}]\ncpu_weight = 50\ncpu_max = 0.5\n"
+        ),
+    )
+    .unwrap();
+    daemon.ok(&["create", "--spec", spec.to_str().unwrap(), "--start"]);
+    let vmm = pid(&daemon.record("pinned"));
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    assert_eq!(
+        allowed,
+        last.to_string(),
+        "the VMM runs only on core {last}"
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    assert!(cgroups.contains("hyperpool/pinned"), "{cgroups}");
+    daemon.ping("pinned");
+    // A core the host does not have is refused before anything runs.
+    std::fs::write(
+        &spec,
+        format!("name = \"far\"\n[placement]\npin_cores = [{cores}]\n"),
+    )
+    .unwrap();
+    let out = daemon.cli(&["create", "--spec", spec.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pin_cores"));
+    daemon.ok(&["stop", "pinned"]);
+    daemon.ok(&["rm", "pinned"]);
+}
