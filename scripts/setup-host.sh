@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks use (as root; otherwise says what to run).
 set -euo pipefail
-packages=(acpica-tools cpio qemu-system-x86 qemu-utils util-linux python3)
+packages=(acpica-tools cpio qemu-system-x86 qemu-utils util-linux python3 g++)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

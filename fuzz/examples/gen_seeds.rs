@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hyperpool_fuzz::chain_case::ChainCase;
-use hyperpool_fuzz::device_case::{DeviceCase, Image, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+use hyperpool_fuzz::device_case::{
+    DeviceCase, Image, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use hyperpool_fuzz::pci_case::{Op, kind};
 use hyperpool_fuzz::qcow2_case::{Qcow2Case, Req, kind as qkind};
 
@@ -82,13 +84,13 @@ fn chain_seeds() {
     img.desc(0, 0, (0x100, 48, VRING_DESC_F_INDIRECT, 0))
         .avail(0, &[0])
         .put(0x200, &blk_header(1, 0));
+    // A blk OUT: header and data device-readable, then the status byte.
     let table = [
-        (0x200u64, 16u32, 1u16, 1u16),
-        (0x400, 1024, 1, 2),
-        (0x300, 1, 2, 0),
+        (0x200u64, 16u32, VRING_DESC_F_NEXT, 1u16),
+        (0x400, 1024, VRING_DESC_F_NEXT, 2),
+        (0x300, 1, VRING_DESC_F_WRITE, 0),
     ];
     for (i, (addr, len, flags, next)) in table.into_iter().enumerate() {
-        let flags = (flags & 1) * VRING_DESC_F_NEXT | (flags & 2);
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&addr.to_le_bytes());
         b[8..12].copy_from_slice(&len.to_le_bytes());
@@ -106,6 +108,9 @@ fn chain_seeds() {
     save("virtio_chain", "wrap", &case(&img.0, 4, true, 0xfffe));
 }
 
+/// A virtio-blk request: type, sector, and its data buffer `(length, device-writable)` if any.
+type BlkReq = (u32, u64, Option<(u32, bool)>);
+
 fn blk_image(queue: usize) -> Vec<u8> {
     let mut img = Image::default();
     // Queues of 32 use 0x200 bytes of their descriptor table; the rest holds the requests.
@@ -113,7 +118,7 @@ fn blk_image(queue: usize) -> Vec<u8> {
     let hdr = |i: u64| base + 0x200 + 0x20 * i;
     let status = |i: u64| base + 0x300 + i;
     let data = |i: u64| base + 0x400 + 0x200 * i;
-    let reqs: [(u32, u64, Option<(u32, bool)>); 6] = [
+    let reqs: [BlkReq; 6] = [
         (1, 1, Some((512, false))), // OUT
         (0, 1, Some((512, true))),  // IN
         (4, 0, None),               // FLUSH
