@@ -97,6 +97,9 @@ mod tests {
         mem.write_obj(7u8, GuestAddress(0x1_1010)).unwrap();
         let after = snapshot(&mem);
         let caught = std::panic::catch_unwind(|| w.check(&before, &after));
-        assert!(caught.is_err(), "a write past the allowed range went unnoticed");
+        assert!(
+            caught.is_err(),
+            "a write past the allowed range went unnoticed"
+        );
     }
 }
