@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests and benchmarks use (fio is for benches/io.py), as root;
 # otherwise says what to run.
 set -euo pipefail
-packages=(acpica-tools cpio qemu-system-x86 qemu-utils util-linux python3 fio curl iproute2)
+packages=(acpica-tools cpio qemu-system-x86 qemu-utils util-linux python3 fio curl iproute2 g++)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,6 +8,7 @@ scripts/setup-host.sh
 
 cargo fmt --all -- --check
 (cd guest/probe && cargo fmt -- --check)
+(cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
 (cd guest/probe && cargo clippy --release -- -D warnings)
 
@@ -17,3 +18,6 @@ export HYPERPOOL_GUEST_CACHE="$HYPERPOOL_DEBIAN_DIR/cache"
 cargo run -q -p hyperpool -- guest debian "$HYPERPOOL_DEBIAN_DIR" >/dev/null
 
 cargo test --workspace
+
+# Every fuzz target (fuzz/) for a short bounded run; longer: scripts/fuzz.sh SECONDS.
+scripts/fuzz.sh "${HYPERPOOL_FUZZ_SECONDS:-20}"

@@ -83,6 +83,8 @@ pub struct HeaderInfo {
     pub size: u64,
     pub cluster_bits: u32,
     pub backing: Option<String>,
+    /// Where the refcount table starts (cluster-aligned, inside the file).
+    pub refcount_table_offset: u64,
 }
 
 fn be32(b: &[u8], off: usize) -> u32 {
@@ -192,7 +194,29 @@ pub fn check_header(first: &[u8], file_len: u64) -> Result<HeaderInfo, Result<St
         size,
         cluster_bits,
         backing,
+        refcount_table_offset: rt_offset,
     })
+}
+
+/// Bits of a refcount table entry that hold the refcount block's offset.
+const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+/// Checks the refcount table's first entry, `entry`: the refcount block covering the header
+/// cluster must exist (cluster-aligned, inside the file), as it does in every image qemu writes.
+/// Without it `imago` places a new block over cluster 0, whose offset 0 then reads back as "no
+/// block", and its next allocation recurses until the stack overflows.
+pub fn check_first_refblock(entry: u64, cluster_bits: u32, file_len: u64) -> Result<(), String> {
+    let offset = entry & REFT_OFFSET_MASK;
+    let cluster = 1u64 << cluster_bits;
+    if offset == 0
+        || offset % cluster != 0
+        || offset.checked_add(cluster).is_none_or(|e| e > file_len)
+    {
+        return Err(format!(
+            "refcount table entry 0 ({entry:#x}) is not a refcount block inside the file"
+        ));
+    }
+    Ok(())
 }
 
 fn storage(file: File, path: &Path, writable: bool) -> io::Result<ImagoFile> {
@@ -247,6 +271,18 @@ fn open_qcow2(
             path: path.to_owned(),
             what,
         },
+    })?;
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, info.refcount_table_offset)
+        .map_err(|source| Qcow2Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    check_first_refblock(u64::from_be_bytes(entry), info.cluster_bits, len).map_err(|why| {
+        Qcow2Error::Corrupt {
+            path: path.to_owned(),
+            why,
+        }
     })?;
     let sync_fd = file.try_clone().map_err(|source| Qcow2Error::Open {
         path: path.to_owned(),
@@ -645,6 +681,14 @@ mod tests {
         refused(&patched(40, &(1u64 << 50).to_be_bytes()), "L1 table");
         refused(&patched(36, &0u32.to_be_bytes()), "L1 table");
         refused(&patched(48, &12345u64.to_be_bytes()), "refcount table");
+        // No refcount block for the header cluster: imago's first allocation used to recurse
+        // until the stack overflowed (found by fuzz/fuzz_targets/qcow2_image.rs).
+        let rt = be64(&good, 48) as usize;
+        refused(&patched(rt, &[0; 8]), "refcount table entry 0");
+        refused(
+            &patched(rt, &(1u64 << 40).to_be_bytes()),
+            "refcount table entry 0",
+        );
         // A bad header extension: imago's own checks.
         let ext = be32(&good, 100) as usize;
         refused(&patched(ext, &[0xff; 8]), "corrupt header");
@@ -670,6 +714,27 @@ mod tests {
         assert!(
             e.contains("backing file") && e.contains(&base_path.display().to_string()),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn first_refcount_block_must_exist() {
+        assert_eq!(check_first_refblock(0x20000, 16, 0x30000), Ok(()));
+        // The low bits are flags (reserved), not part of the offset.
+        assert_eq!(check_first_refblock(0x20001, 16, 0x30000), Ok(()));
+        assert!(check_first_refblock(0, 16, 0x30000).is_err());
+        assert!(check_first_refblock(0x1ff, 9, 0x30000).is_err());
+        assert!(
+            check_first_refblock(0x20200, 16, 0x30000).is_err(),
+            "misaligned"
+        );
+        assert!(
+            check_first_refblock(0x30000, 16, 0x30000).is_err(),
+            "past the end"
+        );
+        assert!(
+            check_first_refblock(u64::MAX, 9, u64::MAX).is_err(),
+            "wraps"
         );
     }
 
