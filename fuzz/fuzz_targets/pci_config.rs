@@ -255,6 +255,19 @@ fn sizing_mask(bars: &[BarRequest], index: u8) -> u32 {
     0
 }
 
+/// INTx lines go nowhere: the target checks config space, not interrupt delivery.
+struct Intx;
+
+impl hyperpool_devices::pci::IntxRouting for Intx {
+    fn connect(
+        &self,
+        _gsi: u32,
+        _pin: Arc<hyperpool_devices::pci::IntxPin>,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 struct Machine {
     segment: SharedSegment,
     devices: Vec<Option<(SharedPciDevice, Vec<BarRequest>)>>,
@@ -268,7 +281,8 @@ struct Machine {
 impl Machine {
     fn new() -> Self {
         let registry = Arc::new(Registry::default());
-        let mut segment = PciSegment::new(MMIO32, MMIO64, registry.clone()).expect("PCI segment");
+        let mut segment =
+            PciSegment::new(MMIO32, MMIO64, registry.clone(), Arc::new(Intx)).expect("PCI segment");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("memory");
         let dummy = Box::new(Dummy {
             config: [0; CONFIG_LEN],

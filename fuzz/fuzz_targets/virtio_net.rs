@@ -84,7 +84,11 @@ fuzz_target!(|data: &[u8]| {
         };
     }
 
-    let net = Net::new(Tap::from_fd(tap), Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])).expect("net");
+    let net = Net::new(
+        vec![Tap::from_fd(tap)],
+        Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+    )
+    .expect("net");
     let mut rig = Rig::new(
         Box::new(net),
         memory::guest_memory(case.image),
