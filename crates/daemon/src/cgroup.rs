@@ -1,6 +1,11 @@
 //! A cgroup per VM (`hyperpool/<name>`): the VMM process and all its threads go in, with the
 //! VM's CPU weight, CPU cap and a memory limit (guest memory plus room for the VMM). cgroup v2
 //! where the host has it, v1 otherwise (cgroups-rs hides the difference).
+//!
+//! Only the controllers the VM's limits use are joined (cpu, memory, and cpuset when pinned):
+//! on v1 each one is a separate hierarchy, and every move of a process between cgroups takes
+//! the kernel's global cgroup lock and waits out an RCU grace period, so joining all of them
+//! (nine on a typical host) made moving the VMM the slowest step of a start.
 
 use cgroups_rs::CgroupPid;
 use cgroups_rs::fs::cgroup_builder::CgroupBuilder;
@@ -29,7 +34,12 @@ impl VmCgroup {
         let placement = spec.placement.clone().unwrap_or_default();
         let weight = placement.cpu_weight.unwrap_or(DEFAULT_WEIGHT);
         let hierarchy = hierarchies::auto();
+        let mut controllers = vec!["cpu".to_string(), "memory".to_string()];
+        if placement.pin_cores.is_some() {
+            controllers.push("cpuset".into());
+        }
         let mut cpu = CgroupBuilder::new(&path(&spec.name))
+            .set_specified_controllers(controllers)
             .memory()
             .memory_hard_limit(((spec.memory_mib + VMM_OVERHEAD_MIB) << 20) as i64)
             .done()
@@ -54,7 +64,8 @@ impl VmCgroup {
         Ok(())
     }
 
-    /// Removes the cgroup of a VM whose VMM has ended (nothing may still be in it).
+    /// Removes the cgroup of a VM whose VMM has ended (nothing may still be in it), in every
+    /// hierarchy (daemons before this one joined them all).
     pub fn remove(name: &str) {
         let cgroup = Cgroup::load(hierarchies::auto(), path(name).as_str());
         if let Err(e) = cgroup.delete() {

@@ -1,22 +1,29 @@
 //! The pool's one action type and the thread that carries actions out, one at a time in
 //! arrival order. Front ends (the REST server) only translate requests into [`PoolAction`]s;
 //! VMM watchers and timers feed the same queue, so every change to a VM is made in one place.
+//! A start is the exception in timing, not in place: it is admitted here, its slow part (the
+//! VMM process, vm.create, vm.boot) runs on a thread of its own (`launch`), and its result
+//! comes back through the queue to be committed here, so starts overlap.
+//!
+//! Changes are committed to the store once the queue is drained (or after [`MAX_HELD`]
+//! replies), and the replies that acknowledge them are held until then: a burst of requests
+//! shares one disk sync, and nothing is acknowledged before it is durable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hyperpool_api::pool::{
-    LiveFigures, PoolInfo, RestartPolicy, VmDetails, VmRecord, VmSpec, VmStatus,
-};
+use hyperpool_api::pool::{PoolInfo, RestartPolicy, VmDetails, VmRecord, VmSpec, VmStatus};
 
 use crate::cgroup::VmCgroup;
+use crate::launch::{self, Launch, Launched};
 use crate::layout::Layout;
-use crate::pool::{self, Capacity};
+use crate::live::LiveSource;
+use crate::pool::{self, Capacity, Usage};
 use crate::store::Store;
 use crate::vmm_process::{self, Ended};
-use crate::{metrics, overlay, spec};
+use crate::{metrics, spec};
 
 #[derive(Debug)]
 pub enum PoolAction {
@@ -39,7 +46,8 @@ pub enum PoolAction {
 pub enum PoolReply {
     Done,
     Record(Box<VmRecord>),
-    Details(Box<VmDetails>),
+    /// Without live figures; for a running VM, where to gather them (see `live`).
+    Details(Box<VmDetails>, Option<LiveSource>),
     List(Vec<VmRecord>),
     Pool(PoolInfo),
     Text(String),
@@ -51,11 +59,17 @@ pub struct PoolError {
     pub message: String,
 }
 
-fn error(status: u16, message: impl Into<String>) -> PoolError {
-    PoolError {
-        status,
-        message: message.into(),
+impl PoolError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
     }
+}
+
+fn error(status: u16, message: impl Into<String>) -> PoolError {
+    PoolError::new(status, message)
 }
 
 pub type Responder = Box<dyn FnOnce(Result<PoolReply, PoolError>) + Send>;
@@ -73,6 +87,24 @@ pub enum Event {
         name: String,
         pid: u32,
     },
+    /// A start's slow part is done (see `launch`): the VMM runs the guest, or it failed.
+    Started {
+        name: String,
+        outcome: Result<Launched, PoolError>,
+    },
+    /// An inspect counted this many exits: the base of the next one's rate.
+    Exits {
+        name: String,
+        pid: u32,
+        seen: (Instant, u64),
+    },
+}
+
+/// Who asked for a start, to be told how it went.
+pub enum StartedBy {
+    Api(Responder),
+    /// The VM's restart policy, after its VMM ended.
+    Policy,
 }
 
 pub struct Settings {
@@ -94,6 +126,8 @@ struct Running {
 /// Restarts allowed within [`RESTART_WINDOW`] before a crash-looping VM is left crashed.
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// Replies held for a commit before it is made even though more requests are queued.
+const MAX_HELD: usize = 256;
 
 pub struct Controller {
     settings: Settings,
@@ -101,8 +135,13 @@ pub struct Controller {
     events: Sender<Event>,
     records: BTreeMap<String, VmRecord>,
     running: HashMap<String, Running>,
+    /// VMs whose start is under way on a launch thread: admitted (they count against the
+    /// pool's capacity) but not yet running.
+    starting: HashMap<String, StartedBy>,
     recent_restarts: HashMap<String, Vec<Instant>>,
     cgroups_warned: bool,
+    /// Replies waiting for the commit of the changes they acknowledge.
+    held: Vec<(Responder, Result<PoolReply, PoolError>)>,
 }
 
 fn now_ms() -> u64 {
@@ -126,23 +165,68 @@ impl Controller {
             events,
             records,
             running: HashMap::new(),
+            starting: HashMap::new(),
             recent_restarts: HashMap::new(),
             cgroups_warned: false,
+            held: Vec::new(),
         };
         ctl.reattach();
+        ctl.commit();
         Ok(ctl)
     }
 
     pub fn run(mut self, inbox: Receiver<Event>) {
-        for event in inbox {
-            match event {
-                Event::Action(action, respond) => {
-                    let reply = self.handle(action);
-                    respond(reply);
+        loop {
+            let event = match inbox.try_recv() {
+                Ok(event) => event,
+                Err(TryRecvError::Empty) => {
+                    self.commit();
+                    match inbox.recv() {
+                        Ok(event) => event,
+                        Err(_) => break,
+                    }
                 }
+                Err(TryRecvError::Disconnected) => break,
+            };
+            match event {
+                Event::Action(action, respond) => self.handle(action, respond),
+                Event::Started { name, outcome } => self.started(&name, outcome),
                 Event::Ended { name, pid, how } => self.ended(&name, pid, how),
                 Event::StopTimeout { name, pid } => self.stop_timeout(&name, pid),
+                Event::Exits { name, pid, seen } => {
+                    if let Some(r) = self.running.get_mut(&name).filter(|r| r.pid == pid) {
+                        r.last_exits = Some(seen);
+                    }
+                }
             }
+            if self.held.len() >= MAX_HELD {
+                self.commit();
+            }
+        }
+        self.commit();
+    }
+
+    /// Answers now, or after the next commit if changes (or earlier replies) wait for it.
+    fn reply(&mut self, respond: Responder, reply: Result<PoolReply, PoolError>) {
+        if self.store.has_pending() || !self.held.is_empty() {
+            self.held.push((respond, reply));
+        } else {
+            respond(reply);
+        }
+    }
+
+    /// Makes the changes since the last commit durable, then sends the replies held for it. If
+    /// the commit fails, those replies become the error: what they acknowledge is not on disk.
+    fn commit(&mut self) {
+        let committed = self.store.commit().map_err(|e| error(500, e.to_string()));
+        if let Err(e) = &committed {
+            tracing::error!("{}", e.message);
+        }
+        for (respond, reply) in std::mem::take(&mut self.held) {
+            respond(match (&committed, reply) {
+                (Err(e), Ok(_)) => Err(e.clone()),
+                (_, reply) => reply,
+            });
         }
     }
 
@@ -170,10 +254,11 @@ impl Controller {
         }
     }
 
-    fn handle(&mut self, action: PoolAction) -> Result<PoolReply, PoolError> {
-        match action {
+    fn handle(&mut self, action: PoolAction, respond: Responder) {
+        let reply = match action {
+            // Answered when the start is committed (or failed).
+            PoolAction::Start(name) => return self.start(&name, StartedBy::Api(respond)),
             PoolAction::Create(spec) => self.create(*spec),
-            PoolAction::Start(name) => self.start(&name).map(|()| self.record_reply(&name)),
             PoolAction::Stop(name) => self.stop(&name).map(|()| PoolReply::Done),
             PoolAction::Kill(name) => self.kill(&name).map(|()| PoolReply::Done),
             PoolAction::Pause(name) => self.pause_resume(&name, true),
@@ -184,7 +269,8 @@ impl Controller {
             PoolAction::Inspect(name) => self.inspect(&name),
             PoolAction::Pool => Ok(PoolReply::Pool(self.pool_info())),
             PoolAction::Metrics => Ok(PoolReply::Text(self.metrics())),
-        }
+        };
+        self.reply(respond, reply);
     }
 
     fn record(&self, name: &str) -> Result<&VmRecord, PoolError> {
@@ -197,7 +283,7 @@ impl Controller {
         PoolReply::Record(Box::new(self.records[name].clone()))
     }
 
-    /// Stores a changed record (one transaction) and keeps the copy in memory.
+    /// Stores a changed record (durable at the next commit) and keeps the copy in memory.
     fn save(&mut self, record: VmRecord) -> Result<(), PoolError> {
         self.store
             .put(&record)
@@ -246,72 +332,60 @@ impl Controller {
         Ok(self.record_reply(&name))
     }
 
-    fn start(&mut self, name: &str) -> Result<(), PoolError> {
+    /// Admits a start and hands its slow part to a launch thread; `by` hears the result.
+    fn start(&mut self, name: &str, by: StartedBy) {
+        match self.begin_start(name) {
+            Ok(launch) => {
+                if let Err(e) = launch::start(launch, self.events.clone()) {
+                    let e = error(500, format!("{name}: starting its launch thread: {e}"));
+                    self.finish_start(name, by, Err(e));
+                } else {
+                    self.starting.insert(name.to_string(), by);
+                }
+            }
+            Err(e) => self.finish_start(name, by, Err(e)),
+        }
+    }
+
+    fn begin_start(&mut self, name: &str) -> Result<Launch, PoolError> {
         let record = self.record(name)?.clone();
         if self.running.contains_key(name) {
             return Err(error(409, format!("{name} is already running")));
         }
-        let all: Vec<VmRecord> = self.records.values().cloned().collect();
+        self.refuse_if_starting(name)?;
         self.settings
             .capacity
-            .admit(&all, &record)
+            .admit(self.usage(Some(name)), &record.spec)
             .map_err(|e| error(409, format!("{name}: {e}")))?;
-        let layout = self.settings.layout.clone();
-        let dir = layout.vm_dir(name);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| error(500, format!("creating {}: {e}", dir.display())))?;
-        for (i, d) in record.spec.disks.iter().enumerate() {
-            if let Some(base) = &d.base {
-                let overlay_path = layout.overlay(name, i);
-                if !crate::layout::exists(&overlay_path) {
-                    overlay::create(std::path::Path::new(base), &overlay_path)
-                        .map_err(|e| error(400, format!("{name}: disks[{i}]: {e}")))?;
-                }
-            }
+        Ok(Launch {
+            spec: record.spec,
+            layout: self.settings.layout.clone(),
+            vmm_binary: self.settings.vmm_binary.clone(),
+        })
+    }
+
+    /// A launch thread reports: commit the running VM, or pass on why it did not start.
+    fn started(&mut self, name: &str, outcome: Result<Launched, PoolError>) {
+        let Some(by) = self.starting.remove(name) else {
+            return;
+        };
+        let result = outcome.and_then(|launched| self.commit_start(name, launched, &by));
+        self.finish_start(name, by, result);
+    }
+
+    fn commit_start(
+        &mut self,
+        name: &str,
+        launched: Launched,
+        by: &StartedBy,
+    ) -> Result<(), PoolError> {
+        if let Some(e) = launched.cgroup_warning
+            && !self.cgroups_warned
+        {
+            tracing::warn!("{e}; VMs run without cgroup limits");
+            self.cgroups_warned = true;
         }
-        let cfg = spec::vm_config(&record.spec, &layout).map_err(|e| error(400, e))?;
-        let socket = layout.api_socket(name);
-        let mut child =
-            vmm_process::spawn(&self.settings.vmm_binary, &socket, &layout.vmm_log(name))
-                .map_err(|e| error(500, format!("{name}: {e}")))?;
-        let pid = child.id();
-        let configured = serde_json::to_value(&cfg)
-            .map_err(|e| e.to_string())
-            .and_then(|body| vmm_process::put(&socket, "vm.create", Some(&body)))
-            .and_then(|()| vmm_process::put(&socket, "vm.boot", None));
-        if let Err(e) = configured {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(error(400, format!("{name}: {e}")));
-        }
-        match VmCgroup::place(&record.spec, pid) {
-            Ok(()) => {}
-            Err(e) => {
-                if record.spec.placement.is_some() {
-                    // The user asked for placement: running without it would be a lie.
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(error(500, format!("{name}: {e}")));
-                }
-                if !self.cgroups_warned {
-                    tracing::warn!("{e}; VMs run without cgroup limits");
-                    self.cgroups_warned = true;
-                }
-            }
-        }
-        let events = self.events.clone();
-        let watched = name.to_string();
-        std::thread::Builder::new()
-            .name(format!("watch-{name}"))
-            .spawn(move || {
-                let how = vmm_process::wait_child(child);
-                let _ = events.send(Event::Ended {
-                    name: watched,
-                    pid,
-                    how,
-                });
-            })
-            .map_err(|e| error(500, format!("watching {name}: {e}")))?;
+        let pid = launched.pid;
         self.running.insert(
             name.to_string(),
             Running {
@@ -320,12 +394,39 @@ impl Controller {
                 last_exits: None,
             },
         );
-        let mut record = record;
+        let mut record = self.record(name)?.clone();
         record.status = VmStatus::Running;
         record.pid = Some(pid);
         record.started_at_ms = Some(now_ms());
+        if matches!(by, StartedBy::Policy) {
+            record.restarts += 1;
+        }
         tracing::info!("{name}: started (VMM pid {pid})");
         self.save(record)
+    }
+
+    fn finish_start(&mut self, name: &str, by: StartedBy, result: Result<(), PoolError>) {
+        match by {
+            StartedBy::Api(respond) => {
+                let reply = result.map(|()| self.record_reply(name));
+                self.reply(respond, reply);
+            }
+            StartedBy::Policy => match result {
+                Ok(()) => tracing::info!("{name}: restarted by its policy"),
+                Err(e) => tracing::error!("{name}: restart failed: {}", e.message),
+            },
+        }
+    }
+
+    /// What the VMs that hold resources (running, paused, or starting) have been given, but
+    /// for `except`.
+    fn usage(&self, except: Option<&str>) -> Usage {
+        self.records
+            .values()
+            .filter(|r| Some(r.spec.name.as_str()) != except)
+            .filter(|r| pool::holds_resources(r) || self.starting.contains_key(&r.spec.name))
+            .map(|r| &r.spec)
+            .collect()
     }
 
     fn watch_adopted(&mut self, name: &str, pid: u32) {
@@ -357,6 +458,7 @@ impl Controller {
 
     fn running_pid(&self, name: &str) -> Result<u32, PoolError> {
         self.record(name)?;
+        self.refuse_if_starting(name)?;
         self.running
             .get(name)
             .map(|r| r.pid)
@@ -443,8 +545,20 @@ impl Controller {
         Ok(self.record_reply(name))
     }
 
+    /// A VM whose start is under way takes no other action until the start is done.
+    fn refuse_if_starting(&self, name: &str) -> Result<(), PoolError> {
+        if self.starting.contains_key(name) {
+            return Err(error(
+                409,
+                format!("{name} is starting; try again once it runs"),
+            ));
+        }
+        Ok(())
+    }
+
     fn delete(&mut self, name: &str) -> Result<PoolReply, PoolError> {
         self.record(name)?;
+        self.refuse_if_starting(name)?;
         if self.running.contains_key(name) {
             return Err(error(
                 409,
@@ -537,81 +651,41 @@ impl Controller {
             return;
         }
         recent.push(now);
-        match self.start(name) {
-            Ok(()) => {
-                if let Some(mut r) = self.records.get(name).cloned() {
-                    r.restarts += 1;
-                    let _ = self.save(r);
-                }
-                tracing::info!("{name}: restarted by its policy");
-            }
-            Err(e) => tracing::error!("{name}: restart failed: {}", e.message),
-        }
+        self.start(name, StartedBy::Policy);
     }
 
-    fn inspect(&mut self, name: &str) -> Result<PoolReply, PoolError> {
+    /// The record; for a running VM also where its live figures are (gathered by the caller,
+    /// off this thread).
+    fn inspect(&self, name: &str) -> Result<PoolReply, PoolError> {
         let record = self.record(name)?.clone();
-        let live = self.running.get(name).map(|r| r.pid).map(|pid| {
-            let socket = self.settings.layout.api_socket(name);
-            let counters: hyperpool_api::VmCounters = vmm_process::get(&socket, "vm.counters")
-                .ok()
-                .and_then(|v| serde_json::from_value(v).ok())
-                .unwrap_or_default();
-            let exits: u64 = counters
-                .iter()
-                .filter(|(k, _)| k.starts_with("vcpu"))
-                .filter_map(|(_, c)| c.get("exits"))
-                .sum();
-            let now = Instant::now();
-            let rate = match self.running.get(name).and_then(|r| r.last_exits) {
-                Some((t, before)) if now > t => {
-                    exits.saturating_sub(before) as f64 / now.duration_since(t).as_secs_f64()
-                }
-                _ => 0.0,
-            };
-            if let Some(r) = self.running.get_mut(name) {
-                r.last_exits = Some((now, exits));
-            }
-            let (cpu_time_ms, rss) = vmm_process::process_figures(pid).unwrap_or((0, 0));
-            let resident_guest_bytes = counters
-                .get("vm")
-                .and_then(|vm| vm.get("memory_resident_bytes"))
-                .copied()
-                .unwrap_or(0);
-            let devices = counters
-                .into_iter()
-                .filter(|(k, _)| !k.starts_with("vcpu") && k != "vm")
-                .collect();
-            LiveFigures {
-                uptime_ms: record
-                    .started_at_ms
-                    .map_or(0, |t| now_ms().saturating_sub(t)),
-                cpu_time_ms,
-                resident_guest_bytes,
-                vmm_rss_bytes: rss,
-                vm_exits: exits,
-                vm_exits_per_sec: rate,
-                devices,
-            }
+        let running = self.running.get(name);
+        let source = running.map(|r| LiveSource {
+            pid: r.pid,
+            socket: self.settings.layout.api_socket(name),
+            previous: r.last_exits,
+            started_at_ms: record.started_at_ms,
         });
-        Ok(PoolReply::Details(Box::new(VmDetails {
-            console_socket: self.running.contains_key(name).then(|| {
-                self.settings
-                    .layout
-                    .console_socket(name)
-                    .display()
-                    .to_string()
-            }),
+        let console_socket = running.map(|_| {
+            self.settings
+                .layout
+                .console_socket(name)
+                .display()
+                .to_string()
+        });
+        let details = VmDetails {
+            console_socket,
             record,
-            live,
-        })))
+            live: None,
+        };
+        Ok(PoolReply::Details(Box::new(details), source))
     }
 
     fn pool_info(&self) -> PoolInfo {
-        let records: Vec<VmRecord> = self.records.values().cloned().collect();
-        self.settings
-            .capacity
-            .info(&records, pool::disk_space(&self.settings.layout.state_dir))
+        self.settings.capacity.info(
+            self.usage(None),
+            self.records.len() as u32,
+            pool::disk_space(&self.settings.layout.state_dir),
+        )
     }
 
     fn metrics(&self) -> String {

@@ -4,7 +4,9 @@
 
 mod cgroup;
 mod controller;
+mod launch;
 mod layout;
+mod live;
 mod metrics;
 mod overlay;
 mod pool;

@@ -1,7 +1,7 @@
 //! The host's capacity and admission control: a VM is admitted only if the vCPUs and memory
 //! already given to running VMs plus its own fit the host times the overcommit ratios.
 
-use hyperpool_api::pool::{PoolInfo, VmRecord, VmStatus};
+use hyperpool_api::pool::{PoolInfo, VmRecord, VmSpec, VmStatus};
 
 pub fn host_cores() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
@@ -36,6 +36,24 @@ pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
     (st.f_blocks * frag, st.f_bavail * frag)
 }
 
+/// What the VMs that hold resources have been given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+impl<'a> FromIterator<&'a VmSpec> for Usage {
+    fn from_iter<I: IntoIterator<Item = &'a VmSpec>>(specs: I) -> Self {
+        specs.into_iter().fold(Self::default(), |u, s| Self {
+            vms: u.vms + 1,
+            vcpus: u.vcpus + s.cpus,
+            memory_mib: u.memory_mib + s.memory_mib,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Capacity {
     pub cores: u32,
@@ -62,9 +80,9 @@ impl Capacity {
         (self.memory_mib as f64 * self.memory_overcommit).floor() as u64
     }
 
-    /// Figures for `GET /v1/pool`.
-    pub fn info(&self, records: &[VmRecord], disk: (u64, u64)) -> PoolInfo {
-        let (vcpus, memory) = allocated(records);
+    /// Figures for `GET /v1/pool`: `used` by the VMs holding resources, of `vms` in all.
+    pub fn info(&self, used: Usage, vms: u32, disk: (u64, u64)) -> PoolInfo {
+        let (vcpus, memory) = (used.vcpus, used.memory_mib);
         PoolInfo {
             host_cores: self.cores,
             host_memory_mib: self.memory_mib,
@@ -76,20 +94,15 @@ impl Capacity {
             allocated_memory_mib: memory,
             free_vcpus: self.vcpu_limit().saturating_sub(vcpus),
             free_memory_mib: self.memory_limit().saturating_sub(memory),
-            vms: records.len() as u32,
-            running: records.iter().filter(|r| holds_resources(r)).count() as u32,
+            vms,
+            running: used.vms,
         }
     }
 
-    /// Whether `candidate` may start next to the VMs in `records`; the refusal has the numbers.
-    pub fn admit(&self, records: &[VmRecord], candidate: &VmRecord) -> Result<(), String> {
-        let others: Vec<VmRecord> = records
-            .iter()
-            .filter(|r| r.spec.name != candidate.spec.name)
-            .cloned()
-            .collect();
-        let (vcpus, memory) = allocated(&others);
-        let spec = &candidate.spec;
+    /// Whether a VM with `spec` may start next to the others' `used` (without its own share);
+    /// the refusal has the numbers.
+    pub fn admit(&self, used: Usage, spec: &VmSpec) -> Result<(), String> {
+        let (vcpus, memory) = (used.vcpus, used.memory_mib);
         if vcpus + spec.cpus > self.vcpu_limit() {
             return Err(format!(
                 "not enough CPU in the pool: {} vCPUs asked, {} of {} free ({} cores x overcommit {})",
@@ -114,15 +127,8 @@ impl Capacity {
     }
 }
 
-fn holds_resources(r: &VmRecord) -> bool {
+pub fn holds_resources(r: &VmRecord) -> bool {
     matches!(r.status, VmStatus::Running | VmStatus::Paused)
-}
-
-fn allocated(records: &[VmRecord]) -> (u32, u64) {
-    records
-        .iter()
-        .filter(|r| holds_resources(r))
-        .fold((0, 0), |(c, m), r| (c + r.spec.cpus, m + r.spec.memory_mib))
 }
 
 #[cfg(test)]
@@ -147,33 +153,44 @@ mod tests {
     }
 
     #[test]
-    fn admission_counts_only_running_vms_and_applies_overcommit() {
+    fn admission_counts_what_running_vms_hold_and_applies_overcommit() {
         let cap = Capacity {
             cores: 2,
             memory_mib: 1000,
             cpu_overcommit: 2.0,
             memory_overcommit: 1.0,
         };
-        let records = vec![
+        let records = [
             vm("a", 2, 400, VmStatus::Running),
             vm("b", 1, 300, VmStatus::Paused),
             vm("c", 8, 8000, VmStatus::Stopped),
         ];
+        let used: Usage = records
+            .iter()
+            .filter(|r| holds_resources(r))
+            .map(|r| &r.spec)
+            .collect();
+        assert_eq!(
+            used,
+            Usage {
+                vms: 2,
+                vcpus: 3,
+                memory_mib: 700
+            }
+        );
         assert!(
-            cap.admit(&records, &vm("d", 1, 300, VmStatus::Stopped))
+            cap.admit(used, &vm("d", 1, 300, VmStatus::Stopped).spec)
                 .is_ok()
         );
         let e = cap
-            .admit(&records, &vm("d", 2, 100, VmStatus::Stopped))
+            .admit(used, &vm("d", 2, 100, VmStatus::Stopped).spec)
             .unwrap_err();
         assert!(e.contains("2 vCPUs asked, 1 of 4 free"), "{e}");
         let e = cap
-            .admit(&records, &vm("d", 1, 301, VmStatus::Stopped))
+            .admit(used, &vm("d", 1, 301, VmStatus::Stopped).spec)
             .unwrap_err();
         assert!(e.contains("301 MiB asked, 300 of 1000 MiB free"), "{e}");
-        // Restarting a running VM does not count it twice.
-        assert!(cap.admit(&records, &records[0]).is_ok());
-        let info = cap.info(&records, (10, 5));
+        let info = cap.info(used, records.len() as u32, (10, 5));
         assert_eq!((info.allocated_vcpus, info.free_vcpus), (3, 1));
         assert_eq!(
             (info.allocated_memory_mib, info.free_memory_mib),

@@ -127,7 +127,7 @@ fn respond(reply: PoolReply) -> Response {
     match reply {
         PoolReply::Done => StatusCode::NO_CONTENT.into_response(),
         PoolReply::Record(r) => axum::Json(r).into_response(),
-        PoolReply::Details(d) => axum::Json(d).into_response(),
+        PoolReply::Details(d, _) => axum::Json(d).into_response(),
         PoolReply::List(l) => axum::Json(l).into_response(),
         PoolReply::Pool(p) => axum::Json(p).into_response(),
         PoolReply::Text(t) => {
@@ -184,8 +184,22 @@ async fn create(State(s): State<AppState>, Query(q): Query<CreateQuery>, body: B
     }
 }
 
+/// The record from the controller; a running VM's live figures gathered here, on a blocking
+/// thread, so inspects of different VMs wait on their VMMs side by side.
 async fn inspect(State(s): State<AppState>, Path(name): Path<String>) -> Response {
-    run(&s, PoolAction::Inspect(name)).await
+    let (mut details, source) = match act(&s, PoolAction::Inspect(name.clone())).await {
+        Ok(PoolReply::Details(d, source)) => (d, source),
+        Ok(other) => return respond(other),
+        Err(e) => return e,
+    };
+    if let Some(source) = source {
+        let pid = source.pid;
+        if let Ok((live, seen)) = tokio::task::spawn_blocking(move || source.collect()).await {
+            details.live = Some(live);
+            let _ = s.events.send(Event::Exits { name, pid, seen });
+        }
+    }
+    axum::Json(details).into_response()
 }
 
 async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> Response {
@@ -216,7 +230,7 @@ async fn wait_not_running(s: &AppState, name: &str) -> Response {
     let deadline = Instant::now() + s.stop_timeout + Duration::from_secs(10);
     loop {
         match act(s, PoolAction::Inspect(name.to_string())).await {
-            Ok(PoolReply::Details(d))
+            Ok(PoolReply::Details(d, _))
                 if !matches!(d.record.status, VmStatus::Running | VmStatus::Paused) =>
             {
                 return axum::Json(d.record).into_response();

@@ -3,9 +3,12 @@
 //! watched until it ends, and found again by pid after a daemon restart.
 
 use std::fs::OpenOptions;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyperpool_api::client::Client;
 use serde_json::Value;
@@ -19,13 +22,14 @@ pub enum Ended {
     Failed(String),
 }
 
-const API_WAIT: Duration = Duration::from_secs(10);
-
 pub fn api(socket: &Path) -> Client {
     Client::new(socket).with_timeout(Duration::from_secs(10))
 }
 
-/// Starts `hyperpool vmm` for a VM and waits until its API answers.
+/// Starts `hyperpool vmm` for a VM on an API socket bound here and handed down as the VMM's
+/// stdin (`--api-fd 0`): the socket listens before the VMM runs, so requests can be sent at
+/// once and wait in its backlog, with no polling for the API to come up. If the VMM dies, the
+/// socket dies with it (this process keeps no copy), and a waiting request fails at once.
 pub fn spawn(vmm_binary: &Path, socket: &Path, log: &Path) -> Result<Child, String> {
     let log_file = OpenOptions::new()
         .create(true)
@@ -35,40 +39,31 @@ pub fn spawn(vmm_binary: &Path, socket: &Path, log: &Path) -> Result<Child, Stri
     let err_file = log_file
         .try_clone()
         .map_err(|e| format!("VMM log {}: {e}", log.display()))?;
-    let _ = std::fs::remove_file(socket);
+    let listener = bind(socket)?;
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(vmm_binary)
+    // The Command (and with it our copy of the listener) is dropped at the end of this
+    // statement; stdin is passed by the spawn's dup2, so no other child inherits the socket.
+    Command::new(vmm_binary)
         .arg("vmm")
         .arg("--api-socket")
         .arg(socket)
-        .stdin(Stdio::null())
+        .args(["--api-fd", "0"])
+        .stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(log_file)
         .stderr(err_file)
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", vmm_binary.display()))?;
-    let client = api(socket);
-    let deadline = Instant::now() + API_WAIT;
-    loop {
-        if client.get("/api/v1/vmm.ping").is_ok_and(|r| r.is_success()) {
-            return Ok(child);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "the VMM exited at start ({status}); see {}",
-                log.display()
-            ));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "the VMM's API did not come up; see {}",
-                log.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        .map_err(|e| format!("starting {}: {e}", vmm_binary.display()))
+}
+
+/// The VMM's API socket, mode 0600 (the API is as powerful as the VMM), replacing a stale one.
+fn bind(socket: &Path) -> Result<UnixListener, String> {
+    let _ = std::fs::remove_file(socket);
+    let listener =
+        UnixListener::bind(socket).map_err(|e| format!("API socket {}: {e}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("API socket {}: {e}", socket.display()))?;
+    Ok(listener)
 }
 
 /// PUT an endpoint of a VM's API; an error is the VMM's own one-line answer.

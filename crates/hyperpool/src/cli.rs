@@ -108,6 +108,10 @@ pub struct VmmArgs {
     /// The Unix socket to serve the API on (PATH or path=PATH); created with mode 0600.
     #[arg(long, value_name = "PATH")]
     pub api_socket: String,
+    /// Serve on the listening socket inherited as file descriptor N, already bound to
+    /// --api-socket (the pool daemon binds it, so its first request needs no waiting).
+    #[arg(long, value_name = "N")]
+    pub api_fd: Option<i32>,
 }
 
 #[derive(Args)]

@@ -2,6 +2,7 @@
 //! a Unix socket. The HTTP side only translates: each request becomes a
 //! [`control::Action`], the controller (on the main thread) does it, the reply becomes a response.
 
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
@@ -22,7 +23,10 @@ use crate::cli::VmmArgs;
 
 pub fn run(args: VmmArgs, start: Instant) -> Result<u8, Failure> {
     let path = socket_path(&args.api_socket);
-    let listener = bind(&path)?;
+    let listener = match args.api_fd {
+        Some(fd) => inherited(fd, &path)?,
+        None => bind(&path)?,
+    };
     let (events, inbox) = std::sync::mpsc::channel();
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = {
@@ -85,6 +89,36 @@ fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Failure> {
     listener
         .set_nonblocking(true)
         .map_err(|e| Failure::runtime(format!("--api-socket {shown}: {e}")))?;
+    Ok(listener)
+}
+
+/// Takes over the listening socket a parent bound to `path` and left open as `fd`.
+fn inherited(fd: RawFd, path: &Path) -> Result<std::os::unix::net::UnixListener, Failure> {
+    let wrong = |why: &str| {
+        Failure::usage(format!(
+            "--api-fd {fd}: {why}; pass a listening Unix socket bound to {}",
+            path.display()
+        ))
+    };
+    // SAFETY: F_GETFD only reads the descriptor's flags; it fails (EBADF) if `fd` is not open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(wrong("not an open file descriptor"));
+    }
+    // SAFETY: `fd` is open (checked above) and this process does not use it otherwise: it was
+    // inherited to be the API socket, and `--api-fd` is read once, so there is one owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = socket2::SockRef::from(&owned);
+    let bound = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    if bound.as_deref() != Some(path) || !sock.is_listener().unwrap_or(false) {
+        return Err(wrong("not a listening socket bound to --api-socket"));
+    }
+    let listener = std::os::unix::net::UnixListener::from(owned);
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Failure::runtime(format!("--api-fd {fd}: {e}")))?;
     Ok(listener)
 }
 

@@ -681,3 +681,84 @@ fn placement_pins_and_limits_the_vmm() {
     daemon.ok(&["stop", "pinned"]);
     daemon.ok(&["rm", "pinned"]);
 }
+
+/// Starts run side by side (off the controller's thread) and are committed once each: many
+/// concurrent create+start requests all run, one of two concurrent starts of the same VM is
+/// refused, and every acknowledged start survives the daemon being killed right after.
+#[test]
+fn concurrent_starts_all_run_and_are_durable_when_acknowledged() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &["--cpu-overcommit", "20"]);
+    let api = hyperpool_api::client::Client::new(&daemon.socket);
+    let names: Vec<String> = (0..12).map(|i| format!("c{i:02}")).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let api = api.clone();
+                s.spawn(move || {
+                    let body = serde_json::json!({
+                        "name": name, "memory_mib": 32, "cmdline": "probe=idle"
+                    })
+                    .to_string()
+                    .into_bytes();
+                    api.request("POST", "/v1/vms?start=true", Some(body))
+                        .unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            let r = h.join().unwrap();
+            assert_eq!(r.status, 201, "{}", r.text());
+            assert_eq!(r.json::<Value>().unwrap()["status"], "running");
+        }
+    });
+
+    daemon.ok(&[
+        "create",
+        "twice",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "probe=idle",
+    ]);
+    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let api = api.clone();
+                s.spawn(move || {
+                    let r = api.request("POST", "/v1/vms/twice/start", None).unwrap();
+                    (r.status, r.text())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let started = statuses.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(started, 1, "{statuses:?}");
+    assert!(
+        statuses.iter().any(|(s, t)| *s == 409
+            && (t.contains("is starting") || t.contains("already running"))),
+        "{statuses:?}"
+    );
+
+    // Acknowledged means on disk: a daemon killed now finds every VM running again.
+    daemon.kill9();
+    daemon.spawn();
+    let mut all = names.clone();
+    all.push("twice".into());
+    for name in &all {
+        let r = daemon.record(name);
+        assert_eq!(r["status"], "running", "{r}");
+    }
+    assert_eq!(vmm_processes(&daemon.state).len(), all.len());
+    daemon.ping("c07");
+    for name in &all {
+        daemon.ok(&["kill", name]);
+        daemon.ok(&["rm", name]);
+    }
+    assert!(vmm_processes(&daemon.state).is_empty());
+}

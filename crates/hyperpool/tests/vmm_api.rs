@@ -283,3 +283,69 @@ fn bad_requests_name_what_is_wrong() {
     // Nothing was created by the refused requests.
     assert_eq!(vmm.api.get("/api/v1/vm.info").unwrap().status, 404);
 }
+
+/// `--api-fd`: the socket is bound (and listening) before the VMM runs, as the pool daemon does
+/// it, so the first request needs no waiting for the API to come up.
+#[test]
+fn an_inherited_api_socket_takes_requests_at_once() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let child = Command::new(common::hyperpool())
+        .args(["vmm", "--api-fd", "0", "--api-socket"])
+        .arg(&socket)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let vmm = Vmm {
+        child,
+        api: Client::new(&socket).with_timeout(Duration::from_secs(20)),
+        socket: socket.clone(),
+    };
+    // No ping first: the request waits in the socket's backlog until the VMM serves it.
+    vmm.ok(
+        "vm.create",
+        Some(probe_config(dir.path(), "probe=cmdline,cpus")),
+    );
+    vmm.ok("vm.boot", None);
+    wait_log(&dir.path().join("console.log"), "PROBE done", 1);
+    vmm.ok("vmm.shutdown", None);
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);
+    assert!(!socket.exists(), "the API socket is removed");
+}
+
+#[test]
+fn a_wrong_api_fd_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let elsewhere = std::os::unix::net::UnixListener::bind(dir.path().join("other.sock")).unwrap();
+    let cases: [(Stdio, &str); 3] = [
+        (
+            Stdio::null(),
+            "not a listening socket bound to --api-socket",
+        ),
+        (
+            Stdio::from(std::os::fd::OwnedFd::from(elsewhere)),
+            "not a listening socket bound to --api-socket",
+        ),
+        (Stdio::null(), "not an open file descriptor"),
+    ];
+    for (i, (stdin, needle)) in cases.into_iter().enumerate() {
+        let fd = if i == 2 { "1000" } else { "0" };
+        let out = Command::new(common::hyperpool())
+            .args(["vmm", "--api-fd", fd, "--api-socket"])
+            .arg(&socket)
+            .stdin(stdin)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
+        assert!(err.contains(needle), "case {i}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "case {i}: {err}");
+    }
+}
