@@ -266,6 +266,13 @@ impl hyperpool_devices::pci::IntxRouting for Intx {
     ) -> std::io::Result<()> {
         Ok(())
     }
+    fn disconnect(
+        &self,
+        _gsi: u32,
+        _pin: &Arc<hyperpool_devices::pci::IntxPin>,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 struct Machine {

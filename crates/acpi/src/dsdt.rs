@@ -11,6 +11,7 @@
 //!         Device (Cnnn) { _HID ACPI0007, _UID apic_id, _STA 0xF } // per vCPU
 //!     }
 //!     Device (GED_) { ... }, Device (PWRB) { ... }      if ged: see ged.rs
+//!     Device (PHPR) { ... }                             if pci_hotplug: see hotplug.rs
 //!     Device (PCI0) { ... }, Device (MBRD) { ... }      if pci: see pci.rs
 //! }
 //! ```
@@ -141,12 +142,18 @@ fn body(cfg: &AcpiConfig) -> Vec<u8> {
         devices.push(rtc_device(base, irq));
     }
     devices.push(cpus_container(cfg.cpus));
+    let hotplug = cfg
+        .pci_hotplug
+        .filter(|_| cfg.pci.is_some() && cfg.ged.is_some());
     if let Some((mmio, irq)) = cfg.ged {
-        devices.push(crate::ged::ged_device(mmio, irq));
+        devices.push(crate::ged::ged_device(mmio, irq, hotplug.is_some()));
         devices.push(crate::ged::power_button_device());
     }
+    if let Some(mmio) = hotplug {
+        devices.push(crate::hotplug::controller(mmio));
+    }
     if let Some(pci) = &cfg.pci {
-        devices.push(crate::pci::root_bridge(pci));
+        devices.push(crate::pci::root_bridge(pci, hotplug.is_some()));
         devices.push(crate::pci::motherboard_resources(pci));
     }
 

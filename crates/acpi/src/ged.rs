@@ -10,22 +10,24 @@
 //!     Method (_EVT, 1, Serialized) {
 //!         Local0 = GDAT
 //!         If ((Local0 & 1) == 1) { Notify (\_SB_.PWRB, 0x80) }
+//!         If ((Local0 & 2) == 2) { \_SB_.PCI0.PCNT () }    // with PCI hotplug: hotplug.rs
 //!     }
 //! }
 //! Device (PWRB) { _HID PNP0C0C, _UID 0 }
 //! ```
 
-use acpi_tables::aml;
+use acpi_tables::{Aml, aml};
 
 use crate::bytes::to_vec;
 use crate::dsdt::{RawAml, crs};
+use crate::hotplug::PCI_HOTPLUG_EVENT;
 
 /// Bit of the GED event register for the power button.
 pub const POWER_BUTTON_EVENT: u32 = 1;
 /// `Notify` value for "button pressed".
 const NOTIFY_PRESSED: u8 = 0x80;
 
-pub(crate) fn ged_device(mmio: u32, irq: u32) -> RawAml {
+pub(crate) fn ged_device(mmio: u32, irq: u32, pci_hotplug: bool) -> RawAml {
     let interrupt = aml::Interrupt::new(true, true, false, false, irq);
     let crs = crs(vec![&interrupt]);
     let region = aml::OpRegion::new(
@@ -48,7 +50,15 @@ pub(crate) fn ged_device(mmio: u32, irq: u32) -> RawAml {
     let is_power = aml::Equal::new(&masked, &POWER_BUTTON_EVENT);
     let notify = aml::Notify::new(&pwrb, &NOTIFY_PRESSED);
     let on_power = aml::If::new(&is_power, vec![&notify]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &on_power]);
+    let slots_masked = aml::And::new(&aml::ZERO, &aml::Local(0), &PCI_HOTPLUG_EVENT);
+    let is_slots = aml::Equal::new(&slots_masked, &PCI_HOTPLUG_EVENT);
+    let scan = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let on_slots = aml::If::new(&is_slots, vec![&scan]);
+    let mut body: Vec<&dyn Aml> = vec![&read, &on_power];
+    if pci_hotplug {
+        body.push(&on_slots);
+    }
+    let evt = aml::Method::new("_EVT".into(), 1, true, body);
     RawAml(to_vec(&aml::Device::new(
         "GED_".into(),
         vec![

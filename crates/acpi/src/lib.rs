@@ -13,6 +13,7 @@ mod dsdt;
 mod error;
 mod fadt;
 mod ged;
+mod hotplug;
 mod layout;
 mod madt;
 mod mcfg;
@@ -26,6 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 pub use error::AcpiError;
 pub use ged::POWER_BUTTON_EVENT;
+pub use hotplug::PCI_HOTPLUG_EVENT;
 use layout::Placer;
 
 /// OEM id written in every table header and the RSDP.
@@ -76,6 +78,9 @@ pub struct AcpiConfig {
     pub pci: Option<PciConfig>,
     /// The power button's Generic Event Device as (MMIO address of its event register, GSI).
     pub ged: Option<(u32, u32)>,
+    /// MMIO address of the PCI hotplug controller's registers: slot devices under `PCI0` and
+    /// the GED's PCI hotplug event. Needs `pci` and `ged`.
+    pub pci_hotplug: Option<u32>,
 }
 
 /// The PCIe root complex as ACPI describes it: segment 0, buses `0..=bus_end`.
@@ -139,6 +144,7 @@ impl Default for AcpiConfig {
             rtc: Some((0x70, 8)),
             pci: Some(PciConfig::default()),
             ged: Some((0xfeb0_0000, 5)),
+            pci_hotplug: Some(0xfeb0_1000),
         }
     }
 }

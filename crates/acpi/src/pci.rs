@@ -9,6 +9,7 @@
 //!            WordIO 0..0xCF7, WordIO 0xD00..0xFFFF (the rest of port space, for I/O BARs),
 //!            DWordMemory mmio32, QWordMemory mmio64 }
 //!     _PRT { (slot, INTx pin) -> GSI, from PciConfig::intx_routes }
+//!     Device (S01_) ... Device (S31_), Method (PCNT), Method (DVNT)   with hotplug: hotplug.rs
 //! }
 //! Device (MBRD) { _HID PNP0C02, _CRS { Memory32Fixed ECAM } }
 //! ```
@@ -22,7 +23,7 @@ use crate::dsdt::{RawAml, crs, io_ports};
 const CONFIG_PORT: u16 = 0xcf8;
 const CONFIG_PORTS: u8 = 8;
 
-pub(crate) fn root_bridge(pci: &PciConfig) -> RawAml {
+pub(crate) fn root_bridge(pci: &PciConfig, hotplug: bool) -> RawAml {
     let bus_numbers = aml::AddressSpace::new_bus_number(0u16, u16::from(pci.bus_end));
     let config_ports = io_ports(CONFIG_PORT, CONFIG_PORTS);
     let io_low = aml::AddressSpace::new_io(0u16, CONFIG_PORT - 1, None);
@@ -71,19 +72,20 @@ pub(crate) fn root_bridge(pci: &PciConfig) -> RawAml {
         &aml::Package::new(routes.iter().map(|r| r as &dyn Aml).collect()),
     );
 
-    RawAml(to_vec(&aml::Device::new(
-        "PCI0".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
-            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
-            &aml::Name::new("_ADR".into(), &aml::ZERO),
-            &aml::Name::new("_SEG".into(), &aml::ZERO),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-            &aml::Name::new("_BBN".into(), &aml::ZERO),
-            &crs,
-            &prt,
-        ],
-    )))
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let slots = if hotplug {
+        crate::hotplug::root_bridge_children()
+    } else {
+        Vec::new()
+    };
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt];
+    children.extend(slots.iter().map(|s| s as &dyn Aml));
+    RawAml(to_vec(&aml::Device::new("PCI0".into(), children)))
 }
 
 /// Reserves the ECAM window as a motherboard resource.

@@ -183,3 +183,54 @@ fn power_button_event_device_disassembles() {
     });
     assert!(!dsl(&without, "DSDT").contains("ACPI0013"));
 }
+
+#[test]
+fn pci_hotplug_slots_and_controller_disassemble() {
+    if !have_iasl() {
+        return;
+    }
+    let all = disassemble_all(&cfg(2));
+    let dsdt = dsl(&all, "DSDT");
+    for needle in [
+        "Device (PHPR)",
+        "EisaId (\"PNP0A06\")",
+        "SystemMemory, 0xFEB01000, 0x0C",
+        "PCIU,   32",
+        "PCID,   32",
+        "B0EJ,   32",
+        "Method (PCEJ, 1, Serialized)",
+        "B0EJ = Local0",
+        "Method (PCNT, 0, Serialized)",
+        "Local0 = \\_SB.PHPR.PCIU",
+        "Local1 = \\_SB.PHPR.PCID",
+        "DVNT (Local0, One)",
+        "DVNT (Local1, 0x03)",
+        "Method (DVNT, 2, NotSerialized)",
+        "Notify (S01, Arg1)",
+        "Notify (S31, Arg1)",
+        "\\_SB.PCI0.PCNT ()",
+    ] {
+        assert!(dsdt.contains(needle), "missing {needle}:\n{dsdt}");
+    }
+    // One slot device per hot-pluggable slot, each with its address, number and eject method.
+    assert_eq!(dsdt.matches("Method (_EJ0, 1, NotSerialized)").count(), 31);
+    assert_eq!(dsdt.matches("\\_SB.PHPR.PCEJ (_SUN)").count(), 31);
+    assert!(dsdt.contains("Device (S05)"), "{dsdt}");
+    assert!(dsdt.contains("Name (_ADR, 0x00050000)"), "{dsdt}");
+    assert!(dsdt.contains("Name (_SUN, 0x05)"), "{dsdt}");
+
+    let without = disassemble_all(&AcpiConfig {
+        pci_hotplug: None,
+        ..cfg(2)
+    });
+    let dsdt = dsl(&without, "DSDT");
+    assert!(!dsdt.contains("PHPR") && !dsdt.contains("_EJ0") && !dsdt.contains("PCNT"));
+    // Without PCI there is nothing to hot-plug into: no controller, and the GED does not call
+    // into a PCI0 that does not exist.
+    let no_pci = disassemble_all(&AcpiConfig {
+        pci: None,
+        ..cfg(2)
+    });
+    let dsdt = dsl(&no_pci, "DSDT");
+    assert!(!dsdt.contains("PHPR") && !dsdt.contains("PCNT"));
+}

@@ -288,6 +288,7 @@ fn to_response(reply: Reply) -> Response {
         Reply::Ping(p) => serde_json::to_vec(&p),
         Reply::Info(i) => serde_json::to_vec(&i),
         Reply::Counters(c) => serde_json::to_vec(&c),
+        Reply::PciDevice(d) => serde_json::to_vec(&d),
     };
     match body {
         Ok(body) => (

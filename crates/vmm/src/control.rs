@@ -17,10 +17,13 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use crate::config::{self, VmConfig};
 use crate::error::{Error, Result};
 use crate::host;
+use crate::hotplug::Kind;
 use crate::machine;
 use crate::run::{self, Outcome};
 use crate::running::RunningVm;
 use crate::serial_io::HostIo;
+
+mod hotplug;
 
 /// One request to the VMM.
 #[derive(Debug)]
@@ -48,6 +51,8 @@ pub enum Reply {
     Ping(api::VmmPingResponse),
     Info(Box<api::VmInfo>),
     Counters(api::VmCounters),
+    /// A device was hot-plugged: its id and where.
+    PciDevice(api::PciDeviceInfo),
 }
 
 /// A refused or failed action: an HTTP status and one line saying what to do.
@@ -85,6 +90,11 @@ pub enum Event {
     /// A booted VM's exit latch was set; `boot` says which boot (older ones are stale).
     VmExit {
         boot: u64,
+    },
+    /// The guest of boot `boot` ejected the PCI `slots` (a bitmap) the host asked to remove.
+    Ejected {
+        boot: u64,
+        slots: u32,
     },
     Signal(i32),
 }
@@ -142,6 +152,8 @@ pub fn serve(events: Sender<Event>, inbox: Receiver<Event>, start: Instant) -> R
                 }
             }
             Event::VmExit { .. } => {}
+            Event::Ejected { boot, slots } if boot == ctl.boots => ctl.ejected(slots),
+            Event::Ejected { .. } => {}
         }
     }
     Ok(Outcome::Stopped)
@@ -219,15 +231,9 @@ impl Controller {
                 self.edit_config(|c| c.net.get_or_insert_default().push(*net))
             }
             (Action::RemoveDevice(id), Some(Created | Shutdown)) => self.remove_device(&id),
-            (action @ (Action::AddDisk(_) | Action::AddNet(_) | Action::RemoveDevice(_)), _) => {
-                Err(ActionError::new(
-                    405,
-                    format!(
-                        "{}: device hotplug is not supported yet; change devices while the VM is Created or Shutdown",
-                        action_name(&action)
-                    ),
-                ))
-            }
+            (Action::AddDisk(disk), Some(Running | Paused)) => self.hot_add_disk(*disk),
+            (Action::AddNet(net), Some(Running | Paused)) => self.hot_add_net(*net),
+            (Action::RemoveDevice(id), Some(Running | Paused)) => self.hot_remove(&id),
             (action, Some(state)) => Err(ActionError::state(action_name(&action), state)),
         }
     }
@@ -252,7 +258,18 @@ impl Controller {
         &mut self,
         edit: impl FnOnce(&mut api::VmConfig),
     ) -> std::result::Result<Reply, ActionError> {
-        let Some(Defined { api, cfg, .. }) = &mut self.vm else {
+        let (api, cfg) = self.checked_edit(edit)?;
+        self.commit(api, cfg);
+        Ok(Reply::Done)
+    }
+
+    /// The VM's API config changed by `edit`, and its conversion, if it converts and keeps
+    /// device ids unique; nothing is changed yet.
+    fn checked_edit(
+        &self,
+        edit: impl FnOnce(&mut api::VmConfig),
+    ) -> std::result::Result<(api::VmConfig, VmConfig), ActionError> {
+        let Some(Defined { api, .. }) = &self.vm else {
             return Err(ActionError::no_vm());
         };
         let mut changed = api.clone();
@@ -264,9 +281,7 @@ impl Controller {
                 format!("a device with id '{dup}' already exists"),
             ));
         }
-        *api = changed;
-        *cfg = converted;
-        Ok(Reply::Done)
+        Ok((changed, converted))
     }
 
     fn remove_device(&mut self, id: &str) -> std::result::Result<Reply, ActionError> {
@@ -309,18 +324,30 @@ impl Controller {
 
     fn boot_vm(&mut self) -> Result<()> {
         let Some(Defined {
+            api,
             cfg,
             io,
             running,
             shut_down,
-            ..
         }) = &mut self.vm
         else {
             return Err(Error::Config("no VM is created".into()));
         };
         let images = run::load_images(cfg)?;
-        let machine = machine::build(&self.kvm, cfg, &images, io, self.start)?;
+        let mut machine = machine::build(&self.kvm, cfg, &images, io, self.start)?;
         drop(images);
+        let disk_ids: Vec<_> = api.disks.iter().flatten().map(|d| d.id.clone()).collect();
+        let net_ids: Vec<_> = api.net.iter().flatten().map(|n| n.id.clone()).collect();
+        machine.name_devices(Kind::Disk, &disk_ids);
+        machine.name_devices(Kind::Net, &net_ids);
+        let (boot, events) = (self.boots + 1, self.events.clone());
+        machine
+            .hotplug
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_eject(Box::new(move |slots| {
+                let _ = events.send(Event::Ejected { boot, slots });
+            }));
         let vm = RunningVm::start(machine)?;
         self.boots += 1;
         self.boot_count += 1;

@@ -25,37 +25,37 @@ pub(crate) fn open_all(disks: &[DiskConfig]) -> Result<Vec<Block>> {
             }
         }
     }
-    disks
-        .iter()
-        .map(|d| {
-            let is_qcow2 = match d.format {
-                Some(DiskFormat::Qcow2) => true,
-                Some(DiskFormat::Raw) => false,
-                None if qcow2::is_qcow2(&d.path) => {
-                    if qcow2::names_backing_file(&d.path) {
-                        return Err(Error::Config(format!(
-                            "--disk: {} is a qcow2 image with a backing file; add format=qcow2 to use it (a detected format never follows a backing file)",
-                            d.path.display()
-                        )));
-                    }
-                    true
-                }
-                None => false,
-            };
-            if is_qcow2 {
-                let image = Qcow2File::open(&d.path, d.readonly)
-                    .map_err(|e| Error::Config(format!("--disk: {e}")))?;
-                return Ok(Block::new(
-                    Arc::new(image),
-                    d.readonly,
-                    d.num_queues,
-                    serial_for(&d.path, d.id.as_deref()),
-                ));
+    disks.iter().map(open).collect()
+}
+
+/// Opens (and locks) one disk image; the error is one line naming it.
+pub(crate) fn open(d: &DiskConfig) -> Result<Block> {
+    let is_qcow2 = match d.format {
+        Some(DiskFormat::Qcow2) => true,
+        Some(DiskFormat::Raw) => false,
+        None if qcow2::is_qcow2(&d.path) => {
+            if qcow2::names_backing_file(&d.path) {
+                return Err(Error::Config(format!(
+                    "--disk: {} is a qcow2 image with a backing file; add format=qcow2 to use it (a detected format never follows a backing file)",
+                    d.path.display()
+                )));
             }
-            Block::open_raw(&d.path, d.readonly, d.num_queues, d.id.as_deref())
-                .map_err(|e| Error::Config(format!("--disk: {e}")))
-        })
-        .collect()
+            true
+        }
+        None => false,
+    };
+    if is_qcow2 {
+        let image = Qcow2File::open(&d.path, d.readonly)
+            .map_err(|e| Error::Config(format!("--disk: {e}")))?;
+        return Ok(Block::new(
+            Arc::new(image),
+            d.readonly,
+            d.num_queues,
+            serial_for(&d.path, d.id.as_deref()),
+        ));
+    }
+    Block::open_raw(&d.path, d.readonly, d.num_queues, d.id.as_deref())
+        .map_err(|e| Error::Config(format!("--disk: {e}")))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ mod counters;
 mod disk;
 pub mod error;
 pub mod host;
+pub mod hotplug;
 pub mod machine;
 mod net;
 mod pause;

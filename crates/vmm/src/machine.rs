@@ -9,6 +9,7 @@ use hyperpool_acpi::AcpiConfig;
 use hyperpool_devices::legacy::{
     AcpiPm, BootTimer, Cmos, DebugExit, Ged, I8042, Serial, SerialInput,
 };
+use hyperpool_devices::pci::PciHotplug;
 use hyperpool_devices::{Bus, ExitSignal, IrqLine, SharedDevice};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
@@ -20,7 +21,8 @@ use crate::arch::boot::{self, BootSpec, Protocol};
 use crate::arch::e820::memory_map;
 use crate::arch::layout::{
     ACPI_END, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, GED_IRQ, GED_START, I8042_PORT,
-    IOAPIC_START, KVM_IDENTITY_MAP_START, KVM_TSS_START, MMIO32_START, RTC_IRQ, ram_ranges,
+    IOAPIC_START, KVM_IDENTITY_MAP_START, KVM_TSS_START, MMIO32_START, PCI_HOTPLUG_START, RTC_IRQ,
+    ram_ranges,
 };
 use crate::arch::regs::write_descriptor_tables;
 use crate::config::{ConsoleConfig, VmConfig};
@@ -45,12 +47,18 @@ pub struct BootImages<'a> {
     pub initramfs: Option<Vec<u8>>,
 }
 
-/// A device the VM reports figures for (`vm.counters`).
+/// A device the VM reports figures for (`vm.counters`), and where it is plugged.
 pub struct DeviceInfo {
     /// `disk0`, `disk1`, ... and `net0`, ... in slot order; `rng`; `vsock`.
     pub id: String,
     /// The device's counters, which its threads update while the VM runs.
     pub counters: Arc<dyn CounterSet>,
+    /// Its PCI slot on bus 0.
+    pub slot: u8,
+    /// Its MSI-X vectors' interrupt lines, given back when it is unplugged.
+    pub lines: Vec<IrqLine>,
+    /// Its id in the API (`disks[].id`, `net[].id`), by which it can be removed.
+    pub api_id: Option<String>,
 }
 
 /// A built VM whose vCPUs have not started yet.
@@ -61,8 +69,11 @@ pub struct Machine {
     pub exit: Arc<ExitSignal>,
     /// Where the host's stdin goes: COM1, or the virtio console with `--console tty`.
     pub input: serial_io::HostInput,
-    /// The ACPI power button's event device.
+    /// The ACPI power button's and PCI hotplug's event device.
     pub ged: Arc<Mutex<Ged>>,
+    /// The PCI hotplug controller the DSDT's slot devices drive.
+    pub hotplug: Arc<Mutex<PciHotplug>>,
+    pub pci: Arc<Pci>,
     pub devices: Vec<DeviceInfo>,
     pub vm: Arc<VmFd>,
     pub memory: GuestMemoryMmap,
@@ -89,6 +100,8 @@ pub fn build(
         exit: parts.exit,
         input: parts.input,
         ged: parts.ged,
+        hotplug: parts.hotplug,
+        pci: parts.pci,
         devices: parts.devices,
         vm,
         memory,
@@ -117,6 +130,8 @@ struct Parts {
     exit: Arc<ExitSignal>,
     input: serial_io::HostInput,
     ged: Arc<Mutex<Ged>>,
+    hotplug: Arc<Mutex<PciHotplug>>,
+    pci: Arc<Pci>,
     devices: Vec<DeviceInfo>,
 }
 
@@ -167,7 +182,10 @@ fn populate(
     }
     let mut mmio = Bus::new();
     let ged = power_button(vm, &mut mmio)?;
-    let pci = Pci::new(vm, cfg.memory.size)?;
+    let hotplug = Arc::new(Mutex::new(PciHotplug::new()));
+    mmio.insert(PCI_HOTPLUG_START, PciHotplug::SIZE, hotplug.clone())
+        .map_err(|e| Error::Devices(format!("placing the PCI hotplug controller: {e}")))?;
+    let pci = Arc::new(Pci::new(vm, cfg.memory.size)?);
     let (devices, console) = add_devices(&pci, memory, cfg)?;
     let input = match console {
         Some(console) if cfg.console == ConsoleConfig::Tty => {
@@ -205,6 +223,8 @@ fn populate(
         exit,
         input,
         ged,
+        hotplug,
+        pci,
         devices,
     })
 }
@@ -228,40 +248,59 @@ fn add_devices(
     cfg: &VmConfig,
 ) -> Result<(Vec<DeviceInfo>, Option<ConsoleInput>)> {
     let mut devices = Vec::new();
-    let mut counted = |id: String, counters: Arc<dyn CounterSet>| {
-        devices.push(DeviceInfo { id, counters });
+    let mut add = |id: String, device: Box<dyn VirtioDevice>, counters: Arc<dyn CounterSet>| {
+        let (slot, lines) = add_virtio(pci, memory, device)?;
+        devices.push(DeviceInfo {
+            id,
+            counters,
+            slot,
+            lines,
+            api_id: None,
+        });
+        Ok::<_, Error>(())
     };
     if cfg.rng {
         let dev = Rng::new();
-        counted("rng".into(), dev.counters());
-        add_virtio(pci, memory, Box::new(dev))?;
+        let counters = dev.counters();
+        add("rng".into(), Box::new(dev), counters)?;
     }
     if let Some(v) = &cfg.vsock {
         let dev = Vsock::new(u64::from(v.cid), &v.socket)
             .map_err(|e| Error::Config(format!("--vsock socket={}: {e}", v.socket.display())))?;
-        counted("vsock".into(), dev.counters());
-        add_virtio(pci, memory, Box::new(dev))?;
+        let counters = dev.counters();
+        add("vsock".into(), Box::new(dev), counters)?;
     }
     for (i, disk) in crate::disk::open_all(&cfg.disks)?.into_iter().enumerate() {
-        counted(format!("disk{i}"), disk.counters());
-        add_virtio(pci, memory, Box::new(disk))?;
+        let counters = disk.counters();
+        add(format!("disk{i}"), Box::new(disk), counters)?;
     }
     for (i, net) in crate::net::open_all(&cfg.nets)?.into_iter().enumerate() {
-        counted(format!("net{i}"), net.counters());
-        add_virtio(pci, memory, Box::new(net))?;
+        let counters = net.counters();
+        add(format!("net{i}"), Box::new(net), counters)?;
     }
     let console = add_console(pci, memory, cfg)?;
     Ok((devices, console))
 }
 
-/// Puts a virtio device on the PCI segment with its own MSI-X vectors.
-fn add_virtio(pci: &Pci, memory: &GuestMemoryMmap, device: Box<dyn VirtioDevice>) -> Result<()> {
+/// Puts a virtio device on the PCI segment with its own MSI-X vectors; returns its slot and
+/// the vectors' lines. On failure nothing stays allocated.
+pub(crate) fn add_virtio(
+    pci: &Pci,
+    memory: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+) -> Result<(u8, Vec<IrqLine>)> {
     let lines = pci.msi_lines(VirtioPciDevice::vectors_for(device.as_ref()))?;
     let mem = GuestMemoryAtomic::new(memory.clone());
-    let dev = VirtioPciDevice::new(device, mem, lines, pci.msi_routing())
-        .map_err(|e| Error::Devices(format!("virtio: {e}")))?;
-    pci.add_device(Arc::new(Mutex::new(dev)))?;
-    Ok(())
+    let added = VirtioPciDevice::new(device, mem, lines.clone(), pci.msi_routing())
+        .map_err(|e| Error::Devices(format!("virtio: {e}")))
+        .and_then(|dev| pci.add_device(Arc::new(Mutex::new(dev))));
+    match added {
+        Ok(slot) => Ok((slot, lines)),
+        Err(e) => {
+            pci.release_lines(&lines);
+            Err(e)
+        }
+    }
 }
 
 /// The virtio console (`--console`), if any; returns its input.
@@ -326,6 +365,7 @@ fn acpi_config(cpus: u32, mem_size: u64) -> AcpiConfig {
         rtc: Some((Cmos::PORT, RTC_IRQ)),
         pci: Some(crate::pci::acpi_config(mem_size)),
         ged: Some((GED_START as u32, GED_IRQ)),
+        pci_hotplug: Some(PCI_HOTPLUG_START as u32),
     }
 }
 

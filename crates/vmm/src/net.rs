@@ -54,7 +54,8 @@ pub(crate) fn open_all(nets: &[NetConfig]) -> Result<Vec<Net>> {
     nets.iter().map(open).collect()
 }
 
-fn open(cfg: &NetConfig) -> Result<Net> {
+/// Opens one network device's TAP; the error is one line naming it.
+pub(crate) fn open(cfg: &NetConfig) -> Result<Net> {
     let pairs = usize::from(cfg.num_queues / 2);
     let (taps, mac) = tap(&cfg.tap, pairs, cfg.mac)
         .map_err(|e| Error::Config(format!("--net tap={}: cannot open the TAP: {e}", cfg.tap)))?;

@@ -2,7 +2,8 @@
 //! place for IOAPIC and MSI routes), MSI vector allocation (GSI + irqfd), INTx pins (irqfds with
 //! a resample fd on the IOAPIC GSIs of the `_PRT`), and ioeventfds.
 //!
-//! Adding a PCI device is one line in `machine.rs`: `pci.add_device(Arc::new(Mutex::new(dev)))`.
+//! Adding a PCI device is one line in `machine.rs`: `pci.add_device(Arc::new(Mutex::new(dev)))`;
+//! [`Pci::remove_device`] undoes it (hotplug, `hotplug.rs`).
 //! A device with MSI-X first gets its vectors' interrupt lines from [`Pci::msi_lines`] and the
 //! routing handle from [`Pci::msi_routing`], for `hyperpool_devices::pci::Msix::new`.
 
@@ -72,6 +73,33 @@ impl GsiRouter {
                 Ok(line)
             })
             .collect()
+    }
+
+    /// Gives back the lines of an unplugged device: irqfds unregistered, MSI routes dropped,
+    /// GSIs free for the next device.
+    pub fn release(&self, lines: &[IrqLine]) {
+        let mut gsis = self.gsis.lock().unwrap_or_else(|p| p.into_inner());
+        let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routed = false;
+        for line in lines {
+            if let Err(e) = self.vm.unregister_irqfd(line.eventfd(), line.gsi()) {
+                tracing::warn!("unregistering the irqfd of GSI {}: {e}", line.gsi());
+            }
+            routed |= msi.remove(&line.gsi()).is_some();
+            if let Err(e) = gsis.free_id(line.gsi()) {
+                tracing::warn!("freeing GSI {}: {e}", line.gsi());
+            }
+        }
+        if routed {
+            let result = routing_table(&msi).and_then(|table| {
+                self.vm
+                    .set_gsi_routing(&table)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            });
+            if let Err(e) = result {
+                tracing::warn!("dropping the MSI routes of an unplugged device: {e}");
+            }
+        }
     }
 }
 
@@ -151,6 +179,13 @@ impl IntxRouting for GsiRouter {
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         self.resampler.add(pin)
     }
+
+    fn disconnect(&self, gsi: u32, pin: &Arc<IntxPin>) -> std::io::Result<()> {
+        self.resampler.remove(pin)?;
+        self.vm
+            .unregister_irqfd(pin.trigger_fd(), gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
 }
 
 /// KVM_IOEVENTFD on MMIO addresses, any access length, no datamatch.
@@ -222,18 +257,38 @@ impl Pci {
         })
     }
 
+    fn segment(&self) -> std::sync::MutexGuard<'_, PciSegment> {
+        self.segment.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Plugs a device into the next free slot; returns the slot.
     pub fn add_device(&self, device: SharedPciDevice) -> Result<u8> {
-        self.segment
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.segment()
             .add_device(device)
             .map_err(|e| Error::Devices(format!("PCI: {e}")))
+    }
+
+    /// The slot the next device would get, if one is free.
+    pub fn free_slot(&self) -> Option<u8> {
+        self.segment().free_slot()
+    }
+
+    /// Unplugs the device in `slot` and gives back its MSI-X `lines`; returns the device (to be
+    /// dropped, which stops its threads and closes its files), or `None` if the slot was empty.
+    pub fn remove_device(&self, slot: u8, lines: &[IrqLine]) -> Option<SharedPciDevice> {
+        let device = self.segment().remove_device(slot)?;
+        self.router.release(lines);
+        Some(device)
     }
 
     /// Interrupt lines (GSI + irqfd) for `count` MSI-X vectors.
     pub fn msi_lines(&self, count: u16) -> Result<Vec<IrqLine>> {
         self.router.msi_lines(count)
+    }
+
+    /// Gives back lines from [`Pci::msi_lines`] that no device got.
+    pub fn release_lines(&self, lines: &[IrqLine]) {
+        self.router.release(lines);
     }
 
     /// What MSI-X uses to point its vectors' GSIs at the guest's messages.

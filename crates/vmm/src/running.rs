@@ -73,6 +73,11 @@ impl RunningVm {
         })
     }
 
+    /// The VM's devices, for hotplug (`hotplug.rs`).
+    pub fn machine_mut(&mut self) -> &mut Machine {
+        &mut self.machine
+    }
+
     /// The latch devices, vCPUs and the host use to end this VM.
     pub fn exit(&self) -> &Arc<ExitSignal> {
         &self.exit

@@ -14,7 +14,7 @@ use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::pci::VIRTIO_VENDOR_ID;
 
 /// Modern virtio-blk PCI device id (0x1040 + 2).
-const BLK_MODERN: u16 = 0x1042;
+pub const BLK_MODERN: u16 = 0x1042;
 const FIRST_LBA: usize = 1;
 const SECTORS: usize = 8;
 
@@ -29,7 +29,7 @@ fn pattern() -> Vec<u8> {
 }
 
 /// Exercises one disk (`found.functions[i]`); returns `<id or slot>:rw|ro`.
-fn check_disk(found: &mut Found, i: usize) -> Result<String, String> {
+pub fn check_disk(found: &mut Found, i: usize) -> Result<String, String> {
     let df = found.functions[i].df;
     let transport = found.open(i, BarNote::Index)?;
     let mut blk =

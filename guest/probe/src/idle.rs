@@ -22,7 +22,7 @@ const VEC_SPURIOUS: u8 = 0xff;
 const COM1_GSI: u32 = 4;
 const GED_GSI: u32 = 5;
 const GED_EVENTS: u64 = 0xfeb0_0000;
-const GED_POWER_BUTTON: u32 = 1;
+pub const GED_POWER_BUTTON: u32 = 1;
 const IA32_APIC_BASE: u32 = 0x1b;
 const APIC_ID: u64 = 0x20;
 const APIC_EOI: u64 = 0xb0;
@@ -75,8 +75,10 @@ fn port(offset: u16) -> Port<u8> {
     Port::new(COM1 + offset)
 }
 
-/// Sets everything up, says `PROBE idle ready`, then serves until the power button.
-pub fn run(rsdp: u64) -> Result<String, String> {
+/// Routes COM1's receive interrupt and the GED's through the IOAPIC to this CPU and installs
+/// their handlers (interrupts stay off until [`halt`]); returns the GED's event register.
+/// Shared with the `hotplug` check, which waits for the GED the same way.
+pub fn arm(rsdp: u64) -> Result<Mmio, String> {
     x86_64::instructions::interrupts::disable();
     // SAFETY: reading IA32_APIC_BASE has no side effects.
     let apic_base = unsafe { Msr::new(IA32_APIC_BASE).read() } & 0xf_ffff_f000;
@@ -114,15 +116,30 @@ pub fn run(rsdp: u64) -> Result<String, String> {
         let mcr = port(UART_MCR).read();
         port(UART_MCR).write(mcr | MCR_OUT2);
     }
-    let ged = Mmio(GED_EVENTS);
+    Ok(Mmio(GED_EVENTS))
+}
+
+/// Halts until an interrupt arrives (after [`arm`]); returns with interrupts off again.
+pub fn halt() {
+    // SAFETY: [`arm`] installed handlers for every vector that can arrive; `sti` takes effect
+    // after `hlt` starts, so an interrupt pending since the last pass still wakes it.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+/// GED interrupts taken so far.
+pub fn ged_irqs() -> u64 {
+    GED_IRQS.load(Ordering::SeqCst)
+}
+
+/// Sets everything up, says `PROBE idle ready`, then serves until the power button.
+pub fn run(rsdp: u64) -> Result<String, String> {
+    let ged = arm(rsdp)?;
     println!("PROBE idle ready");
 
     let mut line = [0u8; MAX_LINE];
     let mut len = 0;
     loop {
-        // SAFETY: handlers for every vector that can arrive are installed; `sti` takes effect
-        // after `hlt` starts, so an interrupt pending since the last pass still wakes it.
-        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        halt();
         // SAFETY: reading the 16550's status and data registers.
         while unsafe { port(UART_LSR).read() } & LSR_DATA_READY != 0 {
             // SAFETY: as above.

@@ -20,6 +20,7 @@ mod console;
 mod cpu;
 mod end;
 mod heap;
+mod hotplug;
 mod idle;
 mod intx;
 mod mem;
@@ -89,6 +90,7 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "console" => console::check(si.rsdp_paddr),
         "intx" => intx::check(si.rsdp_paddr),
         "idle" => idle::run(si.rsdp_paddr),
+        "hotplug" => hotplug::run(si.rsdp_paddr),
         "bench-blk" => bench_blk::check(si, si_paddr, cmdline),
         "bench-net" => bench_net::check(si, si_paddr, cmdline),
         _ => Err("unknown check".into()),

@@ -1,6 +1,7 @@
-//! The Generic Event Device behind the ACPI power button: the host sets an event bit and raises
-//! the GED's interrupt; the guest's `_EVT` method reads the 32-bit event register, which clears
-//! it, and notifies the matching ACPI device (see the DSDT's `GED_`).
+//! The Generic Event Device behind the ACPI power button and PCI hotplug: the host sets an event
+//! bit and raises the GED's interrupt; the guest's `_EVT` method reads the 32-bit event register,
+//! which clears it, and notifies the matching ACPI device or runs the PCI slot scan (see the
+//! DSDT's `GED_`).
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
@@ -15,6 +16,8 @@ impl Ged {
     pub const SIZE: u64 = 4;
     /// Event bit: the power button was pressed.
     pub const POWER_BUTTON: u32 = 1;
+    /// Event bit: PCI slots were plugged or are to be removed (the hotplug controller says which).
+    pub const PCI_HOTPLUG: u32 = 2;
 
     pub fn new(irq: IrqLine) -> Self {
         Self { irq, pending: 0 }

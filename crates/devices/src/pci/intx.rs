@@ -110,6 +110,8 @@ impl IntxPin {
 /// resamples ([`IntxResampler`]).
 pub trait IntxRouting: Send + Sync {
     fn connect(&self, gsi: u32, pin: Arc<IntxPin>) -> io::Result<()>;
+    /// Undoes [`IntxRouting::connect`] for a device being unplugged.
+    fn disconnect(&self, gsi: u32, pin: &Arc<IntxPin>) -> io::Result<()>;
 }
 
 /// The thread that waits on every pin's resample fd and re-asserts what is still pending. One
@@ -121,7 +123,8 @@ pub struct IntxResampler {
 
 struct Running {
     epoll: Arc<Epoll>,
-    pins: Arc<Mutex<Vec<Arc<IntxPin>>>>,
+    /// Indexed by epoll token; a removed pin leaves its token empty.
+    pins: Arc<Mutex<Vec<Option<Arc<IntxPin>>>>>,
     kill: EventFd,
     handle: Option<JoinHandle<()>>,
 }
@@ -149,8 +152,29 @@ impl IntxResampler {
             pin.resample_fd().as_raw_fd(),
             EpollEvent::new(EventSet::IN, token),
         )?;
-        pins.push(pin);
+        pins.push(Some(pin));
         Ok(())
+    }
+
+    /// Stops serving `pin`'s resamples (its device is being unplugged).
+    pub fn remove(&self, pin: &Arc<IntxPin>) -> io::Result<()> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = running.as_ref() else {
+            return Ok(());
+        };
+        let mut pins = r.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = pins
+            .iter_mut()
+            .find(|p| p.as_ref().is_some_and(|p| Arc::ptr_eq(p, pin)))
+        else {
+            return Ok(());
+        };
+        *entry = None;
+        r.epoll.ctl(
+            ControlOperation::Delete,
+            pin.resample_fd().as_raw_fd(),
+            EpollEvent::default(),
+        )
     }
 }
 
@@ -163,7 +187,7 @@ impl Running {
             kill.as_raw_fd(),
             EpollEvent::new(EventSet::IN, KILL_TOKEN),
         )?;
-        let pins: Arc<Mutex<Vec<Arc<IntxPin>>>> = Arc::default();
+        let pins: Arc<Mutex<Vec<Option<Arc<IntxPin>>>>> = Arc::default();
         let (thread_epoll, thread_pins) = (epoll.clone(), pins.clone());
         let handle = std::thread::Builder::new()
             .name("intx-resample".into())
@@ -177,7 +201,7 @@ impl Running {
     }
 }
 
-fn serve(epoll: &Epoll, pins: &Mutex<Vec<Arc<IntxPin>>>) {
+fn serve(epoll: &Epoll, pins: &Mutex<Vec<Option<Arc<IntxPin>>>>) {
     let mut ready = [EpollEvent::default(); 16];
     loop {
         let n = match epoll.wait(-1, &mut ready) {
@@ -196,7 +220,8 @@ fn serve(epoll: &Epoll, pins: &Mutex<Vec<Arc<IntxPin>>>) {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(ev.data() as usize)
-                .cloned();
+                .cloned()
+                .flatten();
             if let Some(pin) = pin {
                 if let Err(e) = pin.resampled() {
                     tracing::warn!("INTx: re-raising the line: {e}");
@@ -311,6 +336,15 @@ mod tests {
         lb.0.store(1, Ordering::SeqCst);
         b.resample_fd().write(1).unwrap();
         assert_eq!(wait_raised(&b), 1);
+        // An unplugged pin is let go of and no longer re-raised.
+        resampler.remove(&b).unwrap();
+        resampler.remove(&b).unwrap();
+        assert_eq!(Arc::strong_count(&b), 1);
+        b.resample_fd().write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(b.trigger_fd().read().is_err(), "removed: not served");
+        a.resample_fd().write(1).unwrap();
+        assert_eq!(wait_raised(&a), 1, "the others still are");
         drop(resampler);
         assert_eq!(Arc::strong_count(&a), 1, "the thread let go of its pins");
     }

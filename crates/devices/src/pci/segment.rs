@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 use crate::pci::config::{
     BarKind, COMMAND_INTX_DISABLE, COMMAND_MEMORY, ConfigError, NUM_BARS, STATUS, STATUS_INTERRUPT,
@@ -69,6 +69,10 @@ struct Slot {
     /// Where each BAR decodes now: `None` while memory decoding is off or for unimplemented BARs.
     decoded: [Option<u64>; NUM_BARS],
     sizes: [u64; NUM_BARS],
+    /// What the allocators handed out for each BAR, given back when the device is removed.
+    ranges: [Option<(RangeInclusive, bool)>; NUM_BARS],
+    /// The GSI its INTx pin is connected to, if it has one.
+    intx_gsi: Option<u32>,
 }
 
 /// Where an MMIO address landed.
@@ -114,59 +118,120 @@ impl PciSegment {
             device: Arc::new(Mutex::new(HostBridge::new())),
             decoded: [None; NUM_BARS],
             sizes: [0; NUM_BARS],
+            ranges: Default::default(),
+            intx_gsi: None,
         });
         Ok(segment)
+    }
+
+    /// The slot [`PciSegment::add_device`] would use, if one is free.
+    pub fn free_slot(&self) -> Option<u8> {
+        self.slots.iter().position(Option::is_none).map(|s| s as u8)
     }
 
     /// Plugs `device` into the first free slot, places its BARs, and routes its INTx pin (if its
     /// config space declares one): the Interrupt Line register gets the GSI the `_PRT` states,
     /// and the device's [`IntxPin`](crate::pci::IntxPin) is connected to it. Returns the slot.
+    /// On failure nothing stays allocated.
     pub fn add_device(&mut self, device: SharedPciDevice) -> Result<u8, PciError> {
-        let slot = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(PciError::NoFreeSlot)?;
-        let mut sizes = [0; NUM_BARS];
-        {
-            let mut dev = lock(&device);
-            for req in dev.bar_requests() {
-                let (allocator, window) = match req.kind {
-                    BarKind::Io => return Err(PciError::IoBar(req.index)),
-                    BarKind::Memory32 { .. } => (&mut self.mmio32, "32-bit"),
-                    BarKind::Memory64 { .. } => (&mut self.mmio64, "64-bit"),
-                };
-                let no_space = PciError::NoBarSpace {
-                    size: req.size,
-                    window,
-                };
-                if !req.size.is_power_of_two() || usize::from(req.index) >= NUM_BARS {
-                    return Err(ConfigError::BadBarSize(req.size).into());
-                }
-                let range = allocator
-                    .allocate(req.size, req.size, AllocPolicy::FirstMatch)
-                    .map_err(|_| no_space)?;
-                dev.config()
-                    .add_bar(req.index.into(), req.kind, req.size, range.start())?;
-                sizes[usize::from(req.index)] = req.size;
+        let slot = self.free_slot().ok_or(PciError::NoFreeSlot)?;
+        let mut placed = Slot {
+            device: device.clone(),
+            decoded: [None; NUM_BARS],
+            sizes: [0; NUM_BARS],
+            ranges: Default::default(),
+            intx_gsi: None,
+        };
+        if let Err(e) = self.place(slot, &mut placed) {
+            self.release_bars(&mut placed);
+            return Err(e);
+        }
+        self.slots[usize::from(slot)] = Some(placed);
+        Ok(slot)
+    }
+
+    fn place(&mut self, slot: u8, placed: &mut Slot) -> Result<(), PciError> {
+        let device = placed.device.clone();
+        let mut dev = lock(&device);
+        for req in dev.bar_requests() {
+            let (allocator, window, high) = match req.kind {
+                BarKind::Io => return Err(PciError::IoBar(req.index)),
+                BarKind::Memory32 { .. } => (&mut self.mmio32, "32-bit", false),
+                BarKind::Memory64 { .. } => (&mut self.mmio64, "64-bit", true),
+            };
+            let no_space = PciError::NoBarSpace {
+                size: req.size,
+                window,
+            };
+            let index = usize::from(req.index);
+            if !req.size.is_power_of_two() || index >= NUM_BARS || placed.ranges[index].is_some() {
+                return Err(ConfigError::BadBarSize(req.size).into());
             }
-            let pin = dev.config().interrupt_pin();
-            if (1..=4).contains(&pin) {
-                let gsi = intx_gsi(slot as u8, pin - 1);
-                dev.config().set_interrupt(pin, gsi as u8);
-                if let Some(line) = dev.intx() {
-                    self.intx
-                        .connect(gsi, line.clone())
-                        .map_err(|source| PciError::Intx { gsi, source })?;
+            let range = allocator
+                .allocate(req.size, req.size, AllocPolicy::FirstMatch)
+                .map_err(|_| no_space)?;
+            let start = range.start();
+            placed.ranges[index] = Some((range, high));
+            dev.config().add_bar(index, req.kind, req.size, start)?;
+            placed.sizes[index] = req.size;
+        }
+        let pin = dev.config().interrupt_pin();
+        if (1..=4).contains(&pin) {
+            let gsi = intx_gsi(slot, pin - 1);
+            dev.config().set_interrupt(pin, gsi as u8);
+            if let Some(line) = dev.intx() {
+                self.intx
+                    .connect(gsi, line.clone())
+                    .map_err(|source| PciError::Intx { gsi, source })?;
+                placed.intx_gsi = Some(gsi);
+            }
+        }
+        Ok(())
+    }
+
+    fn release_bars(&mut self, slot: &mut Slot) {
+        for (range, high) in slot.ranges.iter_mut().filter_map(Option::take) {
+            let allocator = if high {
+                &mut self.mmio64
+            } else {
+                &mut self.mmio32
+            };
+            if let Err(e) = allocator.free(&range) {
+                tracing::warn!("PCI: freeing BAR range {range:?}: {e}");
+            }
+        }
+    }
+
+    /// Unplugs the device in `slot` (1..31): the guest no longer reaches it, its ioeventfds and
+    /// INTx pin are disconnected and its BAR space is free for the next device. Returns the
+    /// device, or `None` for an empty slot or the host bridge.
+    pub fn remove_device(&mut self, slot: u8) -> Option<SharedPciDevice> {
+        if slot == 0 {
+            return None;
+        }
+        let mut removed = self.slots.get_mut(usize::from(slot))?.take()?;
+        {
+            let dev = lock(&removed.device);
+            for event in dev.ioeventfds() {
+                let base = removed
+                    .decoded
+                    .get(usize::from(event.bar))
+                    .copied()
+                    .flatten();
+                if let Some(addr) = base.and_then(|b| b.checked_add(event.offset)) {
+                    if let Err(e) = self.ioevents.unregister(addr, event.fd) {
+                        tracing::warn!("PCI slot {slot}: unregistering an ioeventfd: {e}");
+                    }
+                }
+            }
+            if let (Some(gsi), Some(pin)) = (removed.intx_gsi, dev.intx()) {
+                if let Err(e) = self.intx.disconnect(gsi, pin) {
+                    tracing::warn!("PCI slot {slot}: disconnecting INTx from GSI {gsi}: {e}");
                 }
             }
         }
-        self.slots[slot] = Some(Slot {
-            device,
-            decoded: [None; NUM_BARS],
-            sizes,
-        });
-        Ok(slot as u8)
+        self.release_bars(&mut removed);
+        Some(removed.device)
     }
 
     fn slot(&self, bus: u8, device: u8, function: u8) -> Option<&Slot> {

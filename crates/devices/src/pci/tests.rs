@@ -54,6 +54,13 @@ impl IntxRouting for Intx {
         self.0.lock().unwrap().push((gsi, pin));
         Ok(())
     }
+    fn disconnect(&self, gsi: u32, pin: &Arc<IntxPin>) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .retain(|(g, p)| *g != gsi || !Arc::ptr_eq(p, pin));
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -431,4 +438,55 @@ fn intx_is_routed_masked_and_shown_in_status() {
         !b.lock().unwrap().intx.masked(),
         "the other function is untouched"
     );
+}
+
+#[test]
+fn a_removed_device_is_gone_and_its_slot_and_bars_are_reused() {
+    let mut r = rig();
+    let (first, _) = fake(1, r.router.clone());
+    let (second, _) = fake(1, r.router.clone());
+    let mut seg = r.segment.lock().unwrap();
+    assert_eq!(seg.add_device(first.clone()).unwrap(), 1);
+    assert_eq!(seg.add_device(second.clone()).unwrap(), 2);
+    assert_eq!(r.intx.0.lock().unwrap().len(), 2);
+    drop(seg);
+    r.ecam
+        .write(ecam_off(1, COMMAND as u64), &COMMAND_MEMORY.to_le_bytes());
+    assert_eq!(*r.registry.0.lock().unwrap(), [(true, 0x40_0000_1000)]);
+
+    let mut seg = r.segment.lock().unwrap();
+    assert!(seg.remove_device(0).is_none(), "the host bridge stays");
+    assert!(seg.remove_device(9).is_none(), "an empty slot");
+    assert!(seg.remove_device(200).is_none(), "no such slot");
+    let removed = seg.remove_device(1).expect("slot 1 held a device");
+    assert_eq!(
+        Arc::as_ptr(&removed) as *const (),
+        Arc::as_ptr(&first) as *const ()
+    );
+    assert!(seg.remove_device(1).is_none(), "only once");
+    assert_eq!(
+        r.registry.0.lock().unwrap().last(),
+        Some(&(false, 0x40_0000_1000)),
+        "its ioeventfd is unregistered where it decoded"
+    );
+    let pins = r.intx.0.lock().unwrap();
+    assert_eq!(pins.len(), 1);
+    assert!(Arc::ptr_eq(&pins[0].1, &second.lock().unwrap().intx));
+    drop(pins);
+    assert_eq!(seg.free_slot(), Some(1));
+    drop(seg);
+
+    assert_eq!(
+        read32(&mut r.ecam, ecam_off(1, 0)),
+        u32::MAX,
+        "slot 1 is empty"
+    );
+    assert_eq!(read32(&mut r.w32, 0), u32::MAX, "its BAR no longer answers");
+    r.ecam.write(ecam_off(1, COMMAND as u64), &[0xff, 0xff]);
+    assert!(first.lock().unwrap().log.is_empty());
+
+    // The next device takes the slot and the BAR space the first one had.
+    let (third, _) = fake(1, r.router.clone());
+    assert_eq!(r.segment.lock().unwrap().add_device(third).unwrap(), 1);
+    assert_eq!(read32(&mut r.ecam, ecam_off(1, BAR0 as u64)), 0xc000_0000);
 }

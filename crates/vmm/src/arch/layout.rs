@@ -66,6 +66,8 @@ pub const RTC_IRQ: u8 = 8;
 /// Between the PCI ECAM and the IOAPIC, outside every PCI window.
 pub const GED_START: u64 = 0xfeb0_0000;
 pub const GED_IRQ: u32 = 5;
+/// The PCI hotplug controller's registers (the DSDT's `PHPR`), next to the GED.
+pub const PCI_HOTPLUG_START: u64 = 0xfeb0_1000;
 
 // The Linux entry's stack lies between the zero page and the page tables, which end before the
 // command line.
