@@ -106,6 +106,10 @@ pub struct NetConfig {
     pub num_queues: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// TAP queues passed with the request as SCM_RIGHTS (one per queue pair), instead of `tap`:
+    /// the VMM replaces the numbers the client sent with the descriptors it received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fds: Option<Vec<i32>>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -244,7 +248,6 @@ const NET: &[(&str, Allowed)] = &[
     ("offload_tso", True),
     ("offload_ufo", True),
     ("offload_csum", True),
-    ("fds", Null),
 ];
 
 const RNG: &[(&str, Allowed)] = &[

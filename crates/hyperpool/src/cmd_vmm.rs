@@ -1,6 +1,8 @@
 //! `hyperpool vmm --api-socket PATH`: one VM process driven over Cloud Hypervisor's REST API on
 //! a Unix socket. The HTTP side only translates: each request becomes a
 //! [`control::Action`], the controller (on the main thread) does it, the reply becomes a response.
+//! File descriptors sent with a request (SCM_RIGHTS, see `fd_stream.rs`) go with `vm.create` and
+//! `vm.add-net` (TAP queues for `fds`); any other request's are closed.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -8,11 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::Request;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
+use hyper::body::Incoming;
 use hyperpool_api as api;
 use hyperpool_vmm::control::{self, Action, ActionError, Event, Reply};
 use hyperpool_vmm::run::Outcome;
@@ -20,6 +24,7 @@ use serde::de::DeserializeOwned;
 
 use crate::Failure;
 use crate::cli::VmmArgs;
+use crate::fd_stream::{FdStream, ReceivedFds};
 
 pub fn run(args: VmmArgs, start: Instant) -> Result<u8, Failure> {
     let path = socket_path(&args.api_socket);
@@ -129,6 +134,7 @@ fn serve_http(
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()
     {
         Ok(r) => r,
@@ -146,25 +152,65 @@ fn serve_http(
             }
         };
         let app = Router::new().fallback(dispatch).with_state(events);
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!("API server: {e}");
-        }
+        serve_connections(listener, app, stopped).await;
     });
+}
+
+/// Accepts API connections until `stopped`, each served by hyper over an [`FdStream`] whose
+/// received fds go with each request (as an extension); then gives open connections a moment
+/// to send their last responses.
+async fn serve_connections(
+    listener: tokio::net::UnixListener,
+    app: Router,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("API socket: accept: {e}");
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let fds = ReceivedFds::default();
+        let io = hyper_util::rt::TokioIo::new(FdStream::new(stream, fds.clone()));
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let mut req = req.map(axum::body::Body::new);
+            req.extensions_mut().insert(fds.clone());
+            let mut app = app.clone();
+            async move { tower_service::Service::call(&mut app, req).await }
+        });
+        connections.spawn(async move {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!("API connection: {e}");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 /// Routes by endpoint name (`/api/v1/<name>`), Cloud Hypervisor's layout.
 async fn dispatch(
     State(events): State<Sender<Event>>,
+    Extension(received): Extension<ReceivedFds>,
     method: Method,
     uri: Uri,
     body: Bytes,
 ) -> Response {
+    // The whole body is in, so are the fds sent with it; fds no action takes are closed here.
+    let fds = received.take();
     let Some(name) = uri
         .path()
         .strip_prefix(api::API_PREFIX)
@@ -172,7 +218,7 @@ async fn dispatch(
     else {
         return text(StatusCode::NOT_FOUND, format!("no endpoint {}", uri.path()));
     };
-    let action = match action(method.as_str(), name, &body) {
+    let action = match action(method.as_str(), name, &body, fds) {
         Ok(action) => action,
         Err((status, message)) => return text(status, message),
     };
@@ -194,11 +240,16 @@ async fn dispatch(
 }
 
 /// The action an API request asks for, or why there is none.
-fn action(method: &str, name: &str, body: &[u8]) -> Result<Action, (StatusCode, String)> {
+fn action(
+    method: &str,
+    name: &str,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<Action, (StatusCode, String)> {
     Ok(match (method, name) {
         ("GET", "vmm.ping") => Action::Ping,
         ("PUT", "vmm.shutdown") => Action::VmmShutdown,
-        ("PUT", "vm.create") => Action::Create(Box::new(json(body)?)),
+        ("PUT", "vm.create") => Action::Create(Box::new(json(body)?), fds),
         ("PUT", "vm.boot") => Action::Boot,
         ("GET", "vm.info") => Action::Info,
         ("GET", "vm.counters") => Action::Counters,
@@ -209,7 +260,7 @@ fn action(method: &str, name: &str, body: &[u8]) -> Result<Action, (StatusCode, 
         ("PUT", "vm.power-button") => Action::PowerButton,
         ("PUT", "vm.delete") => Action::Delete,
         ("PUT", "vm.add-disk") => Action::AddDisk(Box::new(json(body)?)),
-        ("PUT", "vm.add-net") => Action::AddNet(Box::new(json(body)?)),
+        ("PUT", "vm.add-net") => Action::AddNet(Box::new(json(body)?), fds),
         ("PUT", "vm.remove-device") => Action::RemoveDevice(json::<api::VmRemoveDevice>(body)?.id),
         (_, name) if KNOWN.contains(&name) => {
             return Err((

@@ -7,6 +7,7 @@ mod cmd_pool;
 mod cmd_run;
 mod cmd_serve;
 mod cmd_vmm;
+mod fd_stream;
 
 use std::process::ExitCode;
 use std::time::Instant;

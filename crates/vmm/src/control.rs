@@ -6,6 +6,7 @@
 //! `Paused`; vm.shutdown → `Shutdown` (bootable again); vm.delete → no VM. A guest reset reboots
 //! the VM; a guest power-off (or a fatal guest error) ends the process, like Cloud Hypervisor.
 
+use std::os::fd::OwnedFd;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
@@ -30,7 +31,8 @@ mod hotplug;
 pub enum Action {
     Ping,
     VmmShutdown,
-    Create(Box<api::VmConfig>),
+    /// With the fds that came with the request (SCM_RIGHTS), for the `net` entries with `fds`.
+    Create(Box<api::VmConfig>, Vec<OwnedFd>),
     Boot,
     Info,
     Counters,
@@ -41,7 +43,8 @@ pub enum Action {
     PowerButton,
     Delete,
     AddDisk(Box<api::DiskConfig>),
-    AddNet(Box<api::NetConfig>),
+    /// With the fds that came with the request: the TAP queues, one per queue pair.
+    AddNet(Box<api::NetConfig>, Vec<OwnedFd>),
     RemoveDevice(String),
 }
 
@@ -196,8 +199,8 @@ impl Controller {
                 pid: Some(i64::from(std::process::id())),
                 features: vec!["kvm".into()],
             })),
-            (Action::Create(cfg), None) => self.create(*cfg),
-            (Action::Create(_), Some(_)) => Err(ActionError::new(
+            (Action::Create(cfg, fds), None) => self.create_with_fds(*cfg, fds),
+            (Action::Create(..), Some(_)) => Err(ActionError::new(
                 409,
                 "a VM is already created in this VMM (vm.delete it first)",
             )),
@@ -221,21 +224,78 @@ impl Controller {
             }
             (Action::Delete, Some(_)) => {
                 self.stop_vm();
-                self.vm = None;
+                if let Some(vm) = self.vm.take() {
+                    crate::net::release(&net_fds(vm.api.net.iter().flatten()));
+                }
                 Ok(Reply::Done)
             }
             (Action::AddDisk(disk), Some(Created | Shutdown)) => {
                 self.edit_config(|c| c.disks.get_or_insert_default().push(*disk))
             }
-            (Action::AddNet(net), Some(Created | Shutdown)) => {
-                self.edit_config(|c| c.net.get_or_insert_default().push(*net))
-            }
+            (Action::AddNet(net, fds), Some(state)) => self.add_net(*net, fds, state),
             (Action::RemoveDevice(id), Some(Created | Shutdown)) => self.remove_device(&id),
             (Action::AddDisk(disk), Some(Running | Paused)) => self.hot_add_disk(*disk),
-            (Action::AddNet(net), Some(Running | Paused)) => self.hot_add_net(*net),
             (Action::RemoveDevice(id), Some(Running | Paused)) => self.hot_remove(&id),
             (action, Some(state)) => Err(ActionError::state(action_name(&action), state)),
         }
+    }
+
+    /// `vm.create`: each `net` entry with `fds` takes that many of the received fds, in order.
+    fn create_with_fds(
+        &mut self,
+        mut api_cfg: api::VmConfig,
+        fds: Vec<OwnedFd>,
+    ) -> std::result::Result<Reply, ActionError> {
+        let wanted: usize = api_cfg
+            .net
+            .iter()
+            .flatten()
+            .filter_map(|n| n.fds.as_ref())
+            .map(Vec::len)
+            .sum();
+        if wanted != fds.len() {
+            return Err(fd_count_error(wanted, fds.len()));
+        }
+        let raws = crate::net::adopt(fds);
+        let mut next = raws.iter().copied();
+        for n in api_cfg.net.iter_mut().flatten() {
+            if let Some(f) = n.fds.as_mut() {
+                f.iter_mut().for_each(|fd| *fd = next.next().unwrap_or(-1));
+            }
+        }
+        let result = self.create(api_cfg);
+        if result.is_err() {
+            crate::net::release(&raws);
+        }
+        result
+    }
+
+    /// `vm.add-net`: the received fds, if any, are the device's TAP queues.
+    fn add_net(
+        &mut self,
+        mut net: api::NetConfig,
+        fds: Vec<OwnedFd>,
+        state: api::VmState,
+    ) -> std::result::Result<Reply, ActionError> {
+        let wanted = net.fds.as_ref().map_or(fds.len(), Vec::len);
+        if wanted != fds.len() {
+            return Err(fd_count_error(wanted, fds.len()));
+        }
+        let raws = crate::net::adopt(fds);
+        if !raws.is_empty() {
+            net.fds = Some(raws.clone());
+        }
+        let result = match state {
+            api::VmState::Running | api::VmState::Paused => self.hot_add_net(net),
+            api::VmState::Created | api::VmState::Shutdown => {
+                self.edit_config(|c| c.net.get_or_insert_default().push(net))
+            }
+            state => Err(ActionError::state("vm.add-net", state)),
+        };
+        if result.is_err() {
+            crate::net::release(&raws);
+        }
+        result
     }
 
     fn create(&mut self, api_cfg: api::VmConfig) -> std::result::Result<Reply, ActionError> {
@@ -294,14 +354,22 @@ impl Controller {
         if !has(disks) && !has(nets) {
             return Err(ActionError::new(404, format!("no device has id '{id}'")));
         }
-        self.edit_config(|c| {
+        let fds = net_fds(
+            api.net
+                .iter()
+                .flatten()
+                .filter(|n| n.id.as_deref() == Some(id)),
+        );
+        let reply = self.edit_config(|c| {
             if let Some(d) = c.disks.as_mut() {
                 d.retain(|d| d.id.as_deref() != Some(id));
             }
             if let Some(n) = c.net.as_mut() {
                 n.retain(|n| n.id.as_deref() != Some(id));
             }
-        })
+        })?;
+        crate::net::release(&fds);
+        Ok(reply)
     }
 
     fn with_running(
@@ -431,11 +499,25 @@ impl Controller {
     }
 }
 
+/// The adopted fds that `nets` name.
+fn net_fds<'a>(nets: impl Iterator<Item = &'a api::NetConfig>) -> Vec<i32> {
+    nets.filter_map(|n| n.fds.clone()).flatten().collect()
+}
+
+fn fd_count_error(wanted: usize, got: usize) -> ActionError {
+    ActionError::new(
+        400,
+        format!(
+            "field `fds`: {wanted} fds named, {got} received with the request (send the TAP fds as SCM_RIGHTS on the API socket)"
+        ),
+    )
+}
+
 fn action_name(action: &Action) -> &'static str {
     match action {
         Action::Ping => "vmm.ping",
         Action::VmmShutdown => "vmm.shutdown",
-        Action::Create(_) => "vm.create",
+        Action::Create(..) => "vm.create",
         Action::Boot => "vm.boot",
         Action::Info => "vm.info",
         Action::Counters => "vm.counters",
@@ -446,7 +528,7 @@ fn action_name(action: &Action) -> &'static str {
         Action::PowerButton => "vm.power-button",
         Action::Delete => "vm.delete",
         Action::AddDisk(_) => "vm.add-disk",
-        Action::AddNet(_) => "vm.add-net",
+        Action::AddNet(..) => "vm.add-net",
         Action::RemoveDevice(_) => "vm.remove-device",
     }
 }

@@ -6,8 +6,13 @@
 //! the same interfaces back (a TAP we created would otherwise vanish with its last fd, and with
 //! it the host side's addresses), and the same MAC (a random one is drawn once). With
 //! `num_queues=2N` (N > 1) the TAP is opened N times as a multi-queue TAP, one fd per pair.
+//!
+//! TAP queues passed over the API socket (SCM_RIGHTS, `fds`) are registered by [`adopt`] under
+//! their number in this process, and each device gets duplicates: the registered fds, too, live
+//! until the VM configuration that names them goes ([`release`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use hyperpool_devices::virtio::Net;
@@ -22,6 +27,42 @@ type OpenTap = (String, Vec<Tap>, [u8; 6]);
 
 /// TAPs opened so far.
 static TAPS: Mutex<Vec<OpenTap>> = Mutex::new(Vec::new());
+/// TAP queues received over the API, by their number in this process.
+static ADOPTED: Mutex<BTreeMap<i32, OwnedFd>> = Mutex::new(BTreeMap::new());
+
+/// Keeps fds received with an API request for `fds` entries; returns their numbers.
+pub fn adopt(fds: Vec<OwnedFd>) -> Vec<i32> {
+    let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    fds.into_iter()
+        .map(|fd| {
+            let raw = fd.as_raw_fd();
+            adopted.insert(raw, fd);
+            raw
+        })
+        .collect()
+}
+
+/// Closes adopted fds no configuration names any more.
+pub fn release(raws: &[i32]) {
+    let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    for raw in raws {
+        adopted.remove(raw);
+    }
+}
+
+/// Duplicates of the adopted fds `raws`, as TAP queues.
+fn adopted_taps(raws: &[i32]) -> std::result::Result<Vec<Tap>, String> {
+    let adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    raws.iter()
+        .map(|raw| {
+            let fd = adopted
+                .get(raw)
+                .ok_or_else(|| format!("fd {raw} did not come with an API request"))?;
+            let dup = fd.try_clone().map_err(|e| format!("fd {raw}: {e}"))?;
+            Tap::from_tap_fd(dup).map_err(|e| format!("fd {raw}: {e}"))
+        })
+        .collect()
+}
 
 fn clone_all(taps: &[Tap]) -> std::io::Result<Vec<Tap>> {
     taps.iter().map(Tap::try_clone).collect()
@@ -43,7 +84,7 @@ fn tap(name: &str, pairs: usize, mac: Option<[u8; 6]>) -> std::io::Result<(Vec<T
 
 pub(crate) fn open_all(nets: &[NetConfig]) -> Result<Vec<Net>> {
     let mut names = HashSet::new();
-    for n in nets {
+    for n in nets.iter().filter(|n| n.fds.is_empty()) {
         if !names.insert(n.tap.as_str()) {
             return Err(Error::Config(format!(
                 "--net: TAP '{}' is used by more than one --net",
@@ -57,6 +98,20 @@ pub(crate) fn open_all(nets: &[NetConfig]) -> Result<Vec<Net>> {
 /// Opens one network device's TAP; the error is one line naming it.
 pub(crate) fn open(cfg: &NetConfig) -> Result<Net> {
     let pairs = usize::from(cfg.num_queues / 2);
+    if !cfg.fds.is_empty() {
+        let taps = adopted_taps(&cfg.fds).map_err(|e| Error::Config(format!("--net fds: {e}")))?;
+        let mac = match cfg.mac {
+            Some(m) => m,
+            None => random_mac().map_err(Error::io("drawing a MAC address"))?,
+        };
+        let name = taps
+            .first()
+            .map(|t| t.name().to_owned())
+            .unwrap_or_default();
+        tracing::info!("virtio-net on passed fds {:?} (TAP {name})", cfg.fds);
+        return Net::new(taps, Some(mac))
+            .map_err(|e| Error::Config(format!("--net fds (TAP {name}): {e}")));
+    }
     let (taps, mac) = tap(&cfg.tap, pairs, cfg.mac)
         .map_err(|e| Error::Config(format!("--net tap={}: cannot open the TAP: {e}", cfg.tap)))?;
     let net = Net::new(taps, Some(mac))

@@ -107,13 +107,33 @@ fn disk(d: &api::DiskConfig) -> Result<DiskConfig, String> {
 }
 
 fn net(n: &api::NetConfig) -> Result<NetConfig, String> {
+    if let Some(fds) = n.fds.as_ref().filter(|f| !f.is_empty()) {
+        if n.tap.is_some() {
+            return Err("give either tap or fds, not both".into());
+        }
+        let pairs = u16::try_from(fds.len()).unwrap_or(u16::MAX);
+        let num_queues = net_queues(n.num_queues.unwrap_or(pairs.saturating_mul(2)))?;
+        if num_queues / 2 != pairs {
+            return Err(format!(
+                "num_queues={num_queues} needs {} fds (one TAP queue per RX/TX pair), not {pairs}",
+                num_queues / 2
+            ));
+        }
+        return Ok(NetConfig {
+            tap: String::new(),
+            fds: fds.clone(),
+            mac: n.mac.as_deref().map(parse_mac).transpose()?,
+            num_queues,
+        });
+    }
     let tap = n
         .tap
         .clone()
-        .ok_or("tap is required (Hyperpool does not pick TAP names)")?;
+        .ok_or("tap is required (Hyperpool does not pick TAP names), or fds")?;
     hyperpool_devices::virtio::net::tap::check_name(&tap)?;
     Ok(NetConfig {
         tap,
+        fds: Vec::new(),
         mac: n.mac.as_deref().map(parse_mac).transpose()?,
         num_queues: net_queues(n.num_queues.unwrap_or(2))?,
     })

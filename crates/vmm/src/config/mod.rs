@@ -123,8 +123,11 @@ pub enum DiskFormat {
 /// virtio-net on a TAP (`--net tap=NAME[,mac=MAC][,num_queues=N]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// The TAP interface, opened (or, with `CAP_NET_ADMIN`, created) by name.
+    /// The TAP interface, opened (or, with `CAP_NET_ADMIN`, created) by name; empty with `fds`.
     pub tap: String,
+    /// TAP queues another process opened and passed over the API socket (SCM_RIGHTS), one per
+    /// queue pair, as registered by `net::adopt`; used instead of `tap` when not empty.
+    pub fds: Vec<i32>,
     /// The guest's MAC; a random locally administered one when `None`.
     pub mac: Option<[u8; 6]>,
     /// Data virtqueues, RX + TX (Cloud Hypervisor's convention): an even number, one TAP queue

@@ -157,6 +157,7 @@ pub(super) fn disk_serial(v: String) -> Result<String, String> {
 pub fn parse_net(text: &str) -> Result<NetConfig, String> {
     let mut cfg = NetConfig {
         tap: String::new(),
+        fds: Vec::new(),
         mac: None,
         num_queues: 2,
     };

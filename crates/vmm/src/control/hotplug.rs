@@ -60,6 +60,15 @@ impl Controller {
         if removed.is_empty() {
             return;
         }
+        let fds = self.vm.as_ref().map(|vm| {
+            super::net_fds(
+                vm.api
+                    .net
+                    .iter()
+                    .flatten()
+                    .filter(|n| n.id.as_ref().is_some_and(|i| removed.contains(i))),
+            )
+        });
         let edit = |c: &mut api::VmConfig| {
             let gone = |id: &Option<String>| id.as_ref().is_some_and(|i| removed.contains(i));
             if let Some(d) = c.disks.as_mut() {
@@ -73,6 +82,7 @@ impl Controller {
             Ok((api, cfg)) => self.commit(api, cfg),
             Err(e) => tracing::error!("updating the configuration after an eject: {}", e.message),
         }
+        crate::net::release(&fds.unwrap_or_default());
     }
 
     /// The id for a new device: the one given, if no device has it, or the first free `_disk<n>`

@@ -23,6 +23,8 @@ pub const VNET_HDR_LEN: usize = 12;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// `_IOR('T', 210, unsigned int)`: the interface name and flags of a TAP fd.
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -122,6 +124,55 @@ impl Tap {
             file,
             is_tap: true,
             name: name.to_owned(),
+        };
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    /// A TAP queue opened by another process and passed to us (SCM_RIGHTS, as Kata Containers
+    /// does): it must be a TAP with vnet headers (`IFF_TAP | IFF_VNET_HDR`, as `TUNSETIFF` set
+    /// it); it is made non-blocking and gets our header size and offloads.
+    pub fn from_tap_fd(fd: OwnedFd) -> io::Result<Self> {
+        let file = File::from(fd);
+        let mut ifr = [0u8; 40];
+        // SAFETY: TUNGETIFF writes a struct ifreq (40 bytes on x86_64) into `ifr`; it fails
+        // (ENOTTY/EBADFD) on anything but an attached TUN/TAP fd.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNGETIFF, ifr.as_mut_ptr()) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("not an attached TAP fd: {e}"),
+            ));
+        }
+        let flags = libc::c_short::from_ne_bytes([ifr[16], ifr[17]]);
+        if flags & IFF_TAP == 0 || flags & IFF_VNET_HDR == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a TUN/TAP fd with flags {flags:#x}: want IFF_TAP | IFF_VNET_HDR"),
+            ));
+        }
+        let len = ifr[..16].iter().position(|&b| b == 0).unwrap_or(16);
+        let name = String::from_utf8_lossy(&ifr[..len]).into_owned();
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0
+            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("TUNSETVNETHDRSZ: {e}")));
+        }
+        let tap = Self {
+            file,
+            is_tap: true,
+            name,
         };
         tap.set_offload(0)?;
         Ok(tap)
