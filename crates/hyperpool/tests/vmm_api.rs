@@ -5,11 +5,10 @@ mod common;
 
 use common::vmm::{Vmm, probe_config, wait_log};
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use hyperpool_api::client::{Client, Response};
+use hyperpool_api::client::Client;
 use serde_json::{Value, json};
 
 #[test]

@@ -33,10 +33,8 @@ fn open_tap_in(ns: &Netns, name: &str) -> OwnedFd {
     std::thread::spawn(move || {
         let netns = std::fs::File::open(&path).unwrap();
         // SAFETY: setns on a namespace fd we opened; it moves only this thread.
-        assert_eq!(
-            unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         let tun = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -154,12 +154,14 @@ impl Tap {
         }
         let len = ifr[..16].iter().position(|&b| b == 0).unwrap_or(16);
         let name = String::from_utf8_lossy(&ifr[..len]).into_owned();
-        // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+        // SAFETY: F_GETFL on a descriptor we own.
         let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        if fl < 0
-            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
-        {
+        if fl < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: F_SETFL on a descriptor we own, adding O_NONBLOCK to its flags.
+        let set = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
+        if set < 0 {
             return Err(io::Error::last_os_error());
         }
         let hdr_len = VNET_HDR_LEN as libc::c_int;
