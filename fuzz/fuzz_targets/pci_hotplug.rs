@@ -25,7 +25,11 @@ fuzz_target!(|data: &[u8]| {
     for op in data.chunks(6) {
         let [kind, a, b, c, d, e] = <[u8; 6]>::try_from(op).unwrap_or([op[0], 0, 0, 0, 0, 0]);
         let slot = a % 34; // a few out of range
-        let bit = if (1..32).contains(&slot) { 1u32 << slot } else { 0 };
+        let bit = if (1..32).contains(&slot) {
+            1u32 << slot
+        } else {
+            0
+        };
         match kind % 4 {
             0 => {
                 dev.plugged(slot);
@@ -61,7 +65,11 @@ fuzz_target!(|data: &[u8]| {
                 let before = reports.lock().unwrap().len();
                 dev.write(offset, &buf);
                 let after = reports.lock().unwrap().clone();
-                let ejected = if offset == B0EJ && len == 4 { value & removing } else { 0 };
+                let ejected = if offset == B0EJ && len == 4 {
+                    value & removing
+                } else {
+                    0
+                };
                 if ejected == 0 {
                     assert_eq!(after.len(), before, "no eject: {offset:#x} {buf:?}");
                 } else {
