@@ -7,9 +7,11 @@
 //! the kernel's global cgroup lock and waits out an RCU grace period, so joining all of them
 //! (nine on a typical host) made moving the VMM the slowest step of a start.
 
+use std::sync::LazyLock;
+
 use cgroups_rs::CgroupPid;
 use cgroups_rs::fs::cgroup_builder::CgroupBuilder;
-use cgroups_rs::fs::{Cgroup, hierarchies};
+use cgroups_rs::fs::{Cgroup, Hierarchy, hierarchies};
 use hyperpool_api::pool::VmSpec;
 
 /// Room above guest memory for the VMM itself (its text, device buffers, io_uring rings).
@@ -18,6 +20,28 @@ const CPU_PERIOD_US: u64 = 100_000;
 const DEFAULT_WEIGHT: u64 = 100;
 
 pub struct VmCgroup;
+
+/// The host's cgroup hierarchies, found once: finding them parses /proc/self/mountinfo, which
+/// the kernel formats anew for every read (a measurable share of a start's CPU on a busy pool).
+enum Hierarchies {
+    V1(hierarchies::V1),
+    V2(hierarchies::V2),
+}
+
+static HIERARCHIES: LazyLock<Hierarchies> = LazyLock::new(|| {
+    if hierarchies::is_cgroup2_unified_mode() {
+        Hierarchies::V2(hierarchies::V2::new())
+    } else {
+        Hierarchies::V1(hierarchies::V1::new())
+    }
+});
+
+fn hierarchy() -> Box<dyn Hierarchy> {
+    match &*HIERARCHIES {
+        Hierarchies::V1(h) => Box::new(h.clone()),
+        Hierarchies::V2(h) => Box::new(h.clone()),
+    }
+}
 
 pub fn path(name: &str) -> String {
     format!("hyperpool/{name}")
@@ -33,7 +57,7 @@ impl VmCgroup {
     pub fn place(spec: &VmSpec, pid: u32) -> Result<(), String> {
         let placement = spec.placement.clone().unwrap_or_default();
         let weight = placement.cpu_weight.unwrap_or(DEFAULT_WEIGHT);
-        let hierarchy = hierarchies::auto();
+        let hierarchy = hierarchy();
         let mut controllers = vec!["cpu".to_string(), "memory".to_string()];
         if placement.pin_cores.is_some() {
             controllers.push("cpuset".into());
@@ -67,7 +91,7 @@ impl VmCgroup {
     /// Removes the cgroup of a VM whose VMM has ended (nothing may still be in it), in every
     /// hierarchy (daemons before this one joined them all).
     pub fn remove(name: &str) {
-        let cgroup = Cgroup::load(hierarchies::auto(), path(name).as_str());
+        let cgroup = Cgroup::load(hierarchy(), path(name).as_str());
         if let Err(e) = cgroup.delete() {
             tracing::debug!("removing cgroup {}: {e}", path(name));
         }

@@ -9,13 +9,20 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// PVM cannot emulate these; hiding them gets the kernel through its early boot.
 const PVM_FEATURES: &str = "features=-cx16,-xsave,-la57";
 
 /// The Debian guest (built by `hyperpool guest debian`), or None when it cannot be had here.
+/// Built once per test binary: the tests run in parallel and must not build it twice at once.
 fn debian_guest() -> Option<PathBuf> {
+    static GUEST: OnceLock<Option<PathBuf>> = OnceLock::new();
+    GUEST.get_or_init(build_debian_guest).clone()
+}
+
+fn build_debian_guest() -> Option<PathBuf> {
     let dir = std::env::var_os("HYPERPOOL_DEBIAN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("debian-guest"));
