@@ -1,6 +1,5 @@
 //! The local APIC and the IOAPIC as the interrupt-driven checks (`intx`, `idle`) program them.
 
-use ::acpi::madt::{Madt, MadtEntry};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -53,20 +52,28 @@ impl IoApic {
     }
 }
 
-/// The first IOAPIC the MADT lists.
+/// MADT layout: the SDT header, local APIC address and flags, then entries (type, length, ...).
+const MADT_ENTRIES: usize = 44;
+const MADT_IO_APIC: u8 = 1;
+const MADT_IO_APIC_LEN: usize = 12;
+
+/// The first IOAPIC the MADT lists (found the lean way, see `sdt.rs`).
 pub fn io_apic(rsdp: u64) -> Result<IoApic, String> {
-    let tables = crate::acpi::tables(rsdp)?;
-    let madt = tables
-        .find_table::<Madt>()
-        .map_err(|e| format!("no MADT: {e:?}"))?;
-    for entry in madt.get().entries() {
-        if let MadtEntry::IoApic(e) = entry {
-            let (addr, base) = (e.io_apic_address, e.global_system_interrupt_base);
+    let madt = crate::sdt::find(rsdp, b"APIC")?;
+    let mut rest = madt.get(MADT_ENTRIES..).unwrap_or_default();
+    while let [kind, len, ..] = *rest {
+        let len = usize::from(len);
+        let Some(entry) = rest.get(..len).filter(|_| len >= 2) else {
+            return Err(format!("MADT entry of type {kind} has bad length {len}"));
+        };
+        if kind == MADT_IO_APIC && len >= MADT_IO_APIC_LEN {
+            let field = |off: usize| u32::from_le_bytes([0, 1, 2, 3].map(|i| entry[off + i]));
             return Ok(IoApic {
-                regs: Mmio(u64::from(addr)),
-                gsi_base: base,
+                regs: Mmio(u64::from(field(4))),
+                gsi_base: field(8),
             });
         }
+        rest = &rest[len..];
     }
     Err("no IOAPIC in the MADT".into())
 }
@@ -82,10 +89,17 @@ pub unsafe fn install_handlers(handlers: &[(u8, u64)]) -> Result<DescriptorTable
     if usize::from(old.limit) + 1 != core::mem::size_of::<InterruptDescriptorTable>() {
         return Err(format!("loaded IDT has limit {:#x}", old.limit));
     }
-    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied, not
-    // changed.
-    let copy = unsafe { core::ptr::read(old.base.as_ptr::<InterruptDescriptorTable>()) };
-    let idt: &'static mut InterruptDescriptorTable = Box::leak(Box::new(copy));
+    let mut idt = Box::<InterruptDescriptorTable>::new_uninit();
+    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied
+    // (straight into the new allocation, which does not overlap it), not changed.
+    let idt: &'static mut InterruptDescriptorTable = unsafe {
+        core::ptr::copy_nonoverlapping(
+            old.base.as_ptr::<InterruptDescriptorTable>(),
+            idt.as_mut_ptr(),
+            1,
+        );
+        Box::leak(idt.assume_init())
+    };
     for &(vector, handler) in handlers {
         // SAFETY: the caller vouches for the entry points; IST index 0 (IST1) is set up in
         // cpu.rs.

@@ -28,6 +28,7 @@ mod net;
 mod paging;
 mod pci;
 mod pvh;
+mod sdt;
 mod serial;
 mod smp;
 mod time;
