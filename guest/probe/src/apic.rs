@@ -67,7 +67,12 @@ pub fn io_apic(rsdp: u64) -> Result<IoApic, String> {
             return Err(format!("MADT entry of type {kind} has bad length {len}"));
         };
         if kind == MADT_IO_APIC && len >= MADT_IO_APIC_LEN {
-            let field = |off: usize| u32::from_le_bytes([0, 1, 2, 3].map(|i| entry[off + i]));
+            let field = |off: usize| {
+                entry
+                    .get(off..off + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u32::from_le_bytes)
+            };
             return Ok(IoApic {
                 regs: Mmio(u64::from(field(4))),
                 gsi_base: field(8),

@@ -31,9 +31,7 @@ pvh_start32:
     movl $boot_start_msg, %esi
     movl $boot_start_msg_end - boot_start_msg, %ecx
     movw $0x3f8, %dx
-1:  lodsb
-    outb %al, %dx
-    loop 1b
+    rep outsb                           /* one emulated instruction, not a loop */
 
     lgdtl probe_gdt_ptr                 /* cpu.rs: the probe's final GDT */
     movl $boot_pml4, %eax
