@@ -139,12 +139,12 @@ probe_idt_ptr:
 );
 
 extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
-    let idt_gate = (frame.vector == VEC_NP || frame.vector == VEC_GP)
-        && frame.error & ERROR_IDT != 0;
+    let idt_gate =
+        (frame.vector == VEC_NP || frame.vector == VEC_GP) && frame.error & ERROR_IDT != 0;
     if idt_gate {
+        let vector = (frame.error >> 3) & 0x1fff;
         crate::serial::print_fmt_emergency(format_args!(
-            "PROBE unexpected interrupt vector={} (no IDT gate)\n",
-            (frame.error >> 3) & 0x1fff
+            "PROBE unexpected interrupt vector={vector} ({vector:#x}): no handler installed\n"
         ));
     }
     crate::serial::print_fmt_emergency(format_args!(
