@@ -4,11 +4,19 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use x86_64::VirtAddr;
+use x86_64::registers::model_specific::Msr;
 use x86_64::structures::DescriptorTablePointer;
 use x86_64::structures::idt::InterruptDescriptorTable;
 
 /// A redirection entry with the mask bit set (nothing else).
 pub const RTE_MASKED: u32 = 1 << 16;
+const IA32_APIC_BASE: u32 = 0x1b;
+const APIC_SVR: u64 = 0xf0;
+const APIC_ICR_LO: u64 = 0x300;
+/// ICR destination shorthand "self" (fixed delivery, edge).
+const ICR_SELF: u32 = 1 << 18;
+/// The `stray-irq` check's vector: one no check installs a handler for.
+const STRAY_VECTOR: u32 = 0x60;
 
 /// 32-bit registers at an identity-mapped MMIO base.
 pub struct Mmio(pub u64);
@@ -81,6 +89,19 @@ pub fn io_apic(rsdp: u64) -> Result<IoApic, String> {
         rest = &rest[len..];
     }
     Err("no IOAPIC in the MADT".into())
+}
+
+/// The `stray-irq` check: sends this CPU an interrupt on a vector without a handler, which the
+/// #NP handler (`cpu.rs`) must report as `PROBE unexpected interrupt vector=96 (0x60)` before it
+/// halts. Returns only if the interrupt never arrives.
+pub fn stray_irq_check() -> Result<String, String> {
+    // SAFETY: reading IA32_APIC_BASE has no side effects.
+    let lapic = Mmio(unsafe { Msr::new(IA32_APIC_BASE).read() } & 0xf_ffff_f000);
+    lapic.write(APIC_SVR, lapic.read(APIC_SVR) | 0x1ff); // software-enable, spurious 0xff
+    lapic.write(APIC_ICR_LO, ICR_SELF | STRAY_VECTOR);
+    // SAFETY: the interrupt is meant to fault (#NP); the handler reports and halts.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    Err(format!("no interrupt on vector {STRAY_VECTOR:#x} arrived"))
 }
 
 /// Loads a copy of the probe's IDT with `handlers` (vector, entry point) added, each on IST1;
