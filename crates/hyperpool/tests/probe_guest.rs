@@ -162,6 +162,34 @@ fn idle_guest_stops_on_sigterm() {
 }
 
 #[test]
+fn stray_interrupt_is_reported_with_its_vector() {
+    if !kvm_available() {
+        return;
+    }
+    // IDT vectors nobody installed are not-present gates: the #NP handler must name the vector.
+    let (mut child, lines) = spawn_lines(&["run", "--cmdline", "probe=stray-irq"]);
+    let mut seen = Vec::new();
+    let report = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no #NP report; output so far:\n{}", seen.join("\n")));
+        if line.contains("PROBE unexpected interrupt") || line.contains("PROBE stray-irq") {
+            break line;
+        }
+        seen.push(line);
+    };
+    assert!(
+        report.contains("PROBE unexpected interrupt vector=96 (0x60)"),
+        "{report}"
+    );
+    let next = lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the exception line");
+    assert!(next.contains("PROBE exception vector=11 "), "{next}");
+    terminate(&mut child, Duration::from_secs(10));
+}
+
+#[test]
 fn serial_to_file_and_off() {
     if !kvm_available() {
         return;

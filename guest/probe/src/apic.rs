@@ -1,15 +1,22 @@
 //! The local APIC and the IOAPIC as the interrupt-driven checks (`intx`, `idle`) program them.
 
-use ::acpi::madt::{Madt, MadtEntry};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use x86_64::VirtAddr;
+use x86_64::registers::model_specific::Msr;
 use x86_64::structures::DescriptorTablePointer;
 use x86_64::structures::idt::InterruptDescriptorTable;
 
 /// A redirection entry with the mask bit set (nothing else).
 pub const RTE_MASKED: u32 = 1 << 16;
+const IA32_APIC_BASE: u32 = 0x1b;
+const APIC_SVR: u64 = 0xf0;
+const APIC_ICR_LO: u64 = 0x300;
+/// ICR destination shorthand "self" (fixed delivery, edge).
+const ICR_SELF: u32 = 1 << 18;
+/// The `stray-irq` check's vector: one no check installs a handler for.
+const STRAY_VECTOR: u32 = 0x60;
 
 /// 32-bit registers at an identity-mapped MMIO base.
 pub struct Mmio(pub u64);
@@ -53,22 +60,48 @@ impl IoApic {
     }
 }
 
-/// The first IOAPIC the MADT lists.
+/// MADT layout: the SDT header, local APIC address and flags, then entries (type, length, ...).
+const MADT_ENTRIES: usize = 44;
+const MADT_IO_APIC: u8 = 1;
+const MADT_IO_APIC_LEN: usize = 12;
+
+/// The first IOAPIC the MADT lists (found the lean way, see `sdt.rs`).
 pub fn io_apic(rsdp: u64) -> Result<IoApic, String> {
-    let tables = crate::acpi::tables(rsdp)?;
-    let madt = tables
-        .find_table::<Madt>()
-        .map_err(|e| format!("no MADT: {e:?}"))?;
-    for entry in madt.get().entries() {
-        if let MadtEntry::IoApic(e) = entry {
-            let (addr, base) = (e.io_apic_address, e.global_system_interrupt_base);
+    let madt = crate::sdt::find(rsdp, b"APIC")?;
+    let mut rest = madt.get(MADT_ENTRIES..).unwrap_or_default();
+    while let [kind, len, ..] = *rest {
+        let len = usize::from(len);
+        let Some(entry) = rest.get(..len).filter(|_| len >= 2) else {
+            return Err(format!("MADT entry of type {kind} has bad length {len}"));
+        };
+        if kind == MADT_IO_APIC && len >= MADT_IO_APIC_LEN {
+            let field = |off: usize| {
+                entry
+                    .get(off..off + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u32::from_le_bytes)
+            };
             return Ok(IoApic {
-                regs: Mmio(u64::from(addr)),
-                gsi_base: base,
+                regs: Mmio(u64::from(field(4))),
+                gsi_base: field(8),
             });
         }
+        rest = &rest[len..];
     }
     Err("no IOAPIC in the MADT".into())
+}
+
+/// The `stray-irq` check: sends this CPU an interrupt on a vector without a handler, which the
+/// #NP handler (`cpu.rs`) must report as `PROBE unexpected interrupt vector=96 (0x60)` before it
+/// halts. Returns only if the interrupt never arrives.
+pub fn stray_irq_check() -> Result<String, String> {
+    // SAFETY: reading IA32_APIC_BASE has no side effects.
+    let lapic = Mmio(unsafe { Msr::new(IA32_APIC_BASE).read() } & 0xf_ffff_f000);
+    lapic.write(APIC_SVR, lapic.read(APIC_SVR) | 0x1ff); // software-enable, spurious 0xff
+    lapic.write(APIC_ICR_LO, ICR_SELF | STRAY_VECTOR);
+    // SAFETY: the interrupt is meant to fault (#NP); the handler reports and halts.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    Err(format!("no interrupt on vector {STRAY_VECTOR:#x} arrived"))
 }
 
 /// Loads a copy of the probe's IDT with `handlers` (vector, entry point) added, each on IST1;
@@ -82,10 +115,17 @@ pub unsafe fn install_handlers(handlers: &[(u8, u64)]) -> Result<DescriptorTable
     if usize::from(old.limit) + 1 != core::mem::size_of::<InterruptDescriptorTable>() {
         return Err(format!("loaded IDT has limit {:#x}", old.limit));
     }
-    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied, not
-    // changed.
-    let copy = unsafe { core::ptr::read(old.base.as_ptr::<InterruptDescriptorTable>()) };
-    let idt: &'static mut InterruptDescriptorTable = Box::leak(Box::new(copy));
+    let mut idt = Box::<InterruptDescriptorTable>::new_uninit();
+    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied
+    // (straight into the new allocation, which does not overlap it), not changed.
+    let idt: &'static mut InterruptDescriptorTable = unsafe {
+        core::ptr::copy_nonoverlapping(
+            old.base.as_ptr::<InterruptDescriptorTable>(),
+            idt.as_mut_ptr(),
+            1,
+        );
+        Box::leak(idt.assume_init())
+    };
     for &(vector, handler) in handlers {
         // SAFETY: the caller vouches for the entry points; IST index 0 (IST1) is set up in
         // cpu.rs.

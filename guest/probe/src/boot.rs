@@ -31,11 +31,9 @@ pvh_start32:
     movl $boot_start_msg, %esi
     movl $boot_start_msg_end - boot_start_msg, %ecx
     movw $0x3f8, %dx
-1:  lodsb
-    outb %al, %dx
-    loop 1b
+    rep outsb                           /* one emulated instruction, not a loop */
 
-    lgdtl boot_gdt_ptr
+    lgdtl probe_gdt_ptr                 /* cpu.rs: the probe's final GDT */
     movl $boot_pml4, %eax
     movl %eax, %cr3
     movl %cr4, %eax
@@ -78,19 +76,6 @@ pvh_start32:
 boot_start_msg:
     .ascii "hyperpool-probe: start\n"
 boot_start_msg_end:
-    .popsection
-
-    .pushsection .data.boot_gdt, "aw"
-    .balign 16
-boot_gdt:
-    .quad 0
-    .quad 0x00af9b000000ffff            /* 0x08: 64-bit code, DPL0 (accessed) */
-    .quad 0x00cf93000000ffff            /* 0x10: data, DPL0 (accessed) */
-boot_gdt_end:
-    .balign 4
-boot_gdt_ptr:
-    .word boot_gdt_end - boot_gdt - 1
-    .long boot_gdt
     .popsection
 
     .pushsection .bss.noinit.boot_stack, "aw", @nobits

@@ -28,6 +28,7 @@ mod net;
 mod paging;
 mod pci;
 mod pvh;
+mod sdt;
 mod serial;
 mod smp;
 mod time;
@@ -91,6 +92,7 @@ fn run_check(name: &str, si: &StartInfo, si_paddr: u64, cmdline: &str) -> Result
         "intx" => intx::check(si.rsdp_paddr),
         "idle" => idle::run(si.rsdp_paddr),
         "hotplug" => hotplug::run(si.rsdp_paddr),
+        "stray-irq" => apic::stray_irq_check(),
         "bench-blk" => bench_blk::check(si, si_paddr, cmdline),
         "bench-net" => bench_net::check(si, si_paddr, cmdline),
         _ => Err("unknown check".into()),

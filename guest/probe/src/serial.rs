@@ -5,6 +5,7 @@ use spinning_top::Spinlock;
 use uart_16550::{Config, Uart16550, backend::PioBackend};
 
 const COM1_PORT: u16 = 0x3f8;
+use uart_16550::spec::FIFO_SIZE;
 
 const fn com1() -> Uart16550<PioBackend> {
     // SAFETY: 0x3f8..0x400 is the PC COM1 port range; this module is its only user.
@@ -24,8 +25,26 @@ pub fn init() {
 struct Com1<'a>(&'a mut Uart16550<PioBackend>);
 
 impl Write for Com1<'_> {
+    /// `send_bytes_exact` with each burst as one `rep outsb`: the crate writes a burst byte by
+    /// byte, and every instruction of a ring-0 loop is emulated on PVM.
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0.send_bytes_exact(s.as_bytes());
+        let burst = if self.0.fifo_enabled() { FIFO_SIZE } else { 1 };
+        for chunk in s.as_bytes().chunks(burst) {
+            while self.0.ready_to_send().is_err() {
+                core::hint::spin_loop();
+            }
+            // SAFETY: the transmitter is empty (checked just above), so it takes `burst` bytes
+            // in a row; the string instruction only reads `chunk` and writes COM1's data port.
+            unsafe {
+                core::arch::asm!(
+                    "rep outsb",
+                    inout("rsi") chunk.as_ptr() => _,
+                    inout("rcx") chunk.len() => _,
+                    in("dx") COM1_PORT,
+                    options(nostack, preserves_flags, readonly)
+                );
+            }
+        }
         Ok(())
     }
 }

@@ -14,7 +14,6 @@
 //! normally.
 
 use crate::cpu::{KERNEL_DS, USER_CS, USER_DS};
-use x86_64::VirtAddr;
 
 const USER_STACK_SIZE: usize = 64 * 1024;
 
@@ -58,7 +57,8 @@ user_trampoline:
     int3
     ud2
 
-    /* ring 0 via the DPL-3 gate, on IST2: drop the frame, back to user_enter's caller */
+    /* ring 0 via the DPL-3 gate (vector 3 of cpu.rs's IDT, which names this symbol), on IST2:
+       drop the frame, back to user_enter's caller */
     .globl user_return_entry
 user_return_entry:
     movq user_kernel_rsp(%rip), %rsp
@@ -88,19 +88,13 @@ user_kernel_rsp:
 
 unsafe extern "C" {
     fn user_enter(f: UserFn, arg: u64, user_rsp: u64) -> u64;
-    fn user_return_entry();
-}
-
-/// Address of the return-gate handler (installed in the IDT by `cpu::init`).
-pub fn return_gate_addr() -> VirtAddr {
-    VirtAddr::new(user_return_entry as *const () as u64)
 }
 
 /// Runs `f(arg)` in ring 3 and returns its result. BSP only (one shared user stack); needs
-/// `cpu::init` (GDT user segments, IDT return gate).
+/// `cpu::init` (GDT user segments, TSS, IDT return gate).
 pub fn run(f: UserFn, arg: u64) -> u64 {
     let top = (&raw mut USER_STACK as u64 + USER_STACK_SIZE as u64) & !0xf;
-    // SAFETY: cpu::init installed the return gate; the user stack is unused, mapped
+    // SAFETY: cpu::init loaded the IDT with the return gate; the user stack is unused, mapped
     // user-accessible (all identity mappings have U=1) and 16-byte aligned; user_enter
     // saves and restores all callee-saved registers and the kernel RSP.
     unsafe { user_enter(f, arg, top) }
