@@ -72,6 +72,7 @@ pub fn complete(
         kind: Kind::LockCmpxchg16b,
         regs: *r,
         exception: Some(exception),
+        sregs: None,
     };
     let gva = memory_operand(insn, state)?;
     if gva % 16 != 0 {
@@ -104,6 +105,7 @@ pub fn complete(
         kind: Kind::LockCmpxchg16b,
         regs,
         exception: None,
+        sregs: None,
     })
 }
 

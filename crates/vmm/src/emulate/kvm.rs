@@ -93,13 +93,15 @@ pub fn complete_on_vcpu(
     let done = complete(&bytes, &state, mem)?;
     vcpu.set_regs(&done.regs)
         .map_err(|e| kvm_err("setting registers", e))?;
+    let mut sregs = done.sregs;
+    if let Some(address) = done.exception.and_then(|e| e.address) {
+        sregs.get_or_insert(state.sregs).cr2 = address;
+    }
+    if let Some(sregs) = sregs {
+        vcpu.set_sregs(&sregs)
+            .map_err(|e| kvm_err("setting special registers", e))?;
+    }
     if let Some(exception) = done.exception {
-        if let Some(address) = exception.address {
-            let mut sregs = state.sregs;
-            sregs.cr2 = address;
-            vcpu.set_sregs(&sregs)
-                .map_err(|e| kvm_err("setting CR2", e))?;
-        }
         let mut events: kvm_vcpu_events = vcpu
             .get_vcpu_events()
             .map_err(|e| kvm_err("reading vCPU events", e))?;

@@ -7,9 +7,11 @@
 //! known here stays fatal, with the decoded instruction in the message.
 
 mod cmpxchg16b;
+mod fsgsbase;
 pub mod kvm;
 mod operands;
 mod popcnt;
+mod smap;
 pub mod translate;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
@@ -31,10 +33,18 @@ pub enum Kind {
     Int3,
     LockCmpxchg16b,
     Popcnt,
+    ClacStac,
+    FsGsBase,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Int3, Kind::LockCmpxchg16b, Kind::Popcnt];
+    pub const ALL: [Kind; 5] = [
+        Kind::Int3,
+        Kind::LockCmpxchg16b,
+        Kind::Popcnt,
+        Kind::ClacStac,
+        Kind::FsGsBase,
+    ];
 
     /// Its index in [`Kind::ALL`].
     pub fn index(self) -> usize {
@@ -47,6 +57,8 @@ impl Kind {
             Kind::Int3 => "int3",
             Kind::LockCmpxchg16b => "lock_cmpxchg16b",
             Kind::Popcnt => "popcnt",
+            Kind::ClacStac => "clac_stac",
+            Kind::FsGsBase => "fsgsbase",
         }
     }
 }
@@ -84,6 +96,8 @@ pub struct Completion {
     /// Set when the instruction raised an exception; `regs.rip` is then what the CPU would push:
     /// the instruction itself for a fault, the next one for a trap such as `int3`.
     pub exception: Option<Exception>,
+    /// Special registers to resume with, when the instruction changed one (FS/GS bases).
+    pub sregs: Option<kvm_sregs>,
 }
 
 /// Why an instruction could not be completed: the message says what it was.
@@ -117,11 +131,21 @@ pub fn complete(
                 error_code: None,
                 address: None,
             }),
+            sregs: None,
         }),
         Code::Cmpxchg16b_m128 => cmpxchg16b::complete(&insn, state, mem),
         Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => {
             popcnt::complete(&insn, state, mem)
         }
+        Code::Clac | Code::Stac => Ok(smap::complete(&insn, state)),
+        Code::Rdfsbase_r32
+        | Code::Rdfsbase_r64
+        | Code::Rdgsbase_r32
+        | Code::Rdgsbase_r64
+        | Code::Wrfsbase_r32
+        | Code::Wrfsbase_r64
+        | Code::Wrgsbase_r32
+        | Code::Wrgsbase_r64 => fsgsbase::complete(&insn, state),
         _ => {
             return Err(Unhandled(format!(
                 "{shown}: the VMM does not complete this instruction"

@@ -36,6 +36,7 @@ pub fn complete(
                         kind: Kind::Popcnt,
                         regs: *r,
                         exception: Some(e),
+                        sregs: None,
                     });
                 }
                 Err(e) => return Err(e),
@@ -60,6 +61,7 @@ pub fn complete(
         kind: Kind::Popcnt,
         regs,
         exception: None,
+        sregs: None,
     })
 }
 
