@@ -73,6 +73,7 @@ pub fn complete(
         regs: *r,
         exception: Some(exception),
         sregs: None,
+        kernel_gs_base: None,
     };
     let gva = memory_operand(insn, state)?;
     if gva % 16 != 0 {
@@ -106,6 +107,7 @@ pub fn complete(
         regs,
         exception: None,
         sregs: None,
+        kernel_gs_base: None,
     })
 }
 

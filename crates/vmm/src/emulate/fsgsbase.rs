@@ -20,6 +20,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Result<Completion, Oper
         regs: *r,
         exception: Some(exception),
         sregs: None,
+        kernel_gs_base: None,
     };
     if s.cs.l == 0 || s.cr4 & CR4_FSGSBASE == 0 {
         return Ok(raise(Exception {
@@ -61,6 +62,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Result<Completion, Oper
         regs,
         exception: None,
         sregs,
+        kernel_gs_base: None,
     })
 }
 

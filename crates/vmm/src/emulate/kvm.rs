@@ -1,7 +1,7 @@
 //! The KVM side of completing an instruction: what KVM reported with its emulation failure, and
 //! putting the result back into the vCPU (registers, and the exception it raised, if any).
 
-use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, kvm_vcpu_events};
+use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, Msrs, kvm_msr_entry, kvm_vcpu_events};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
@@ -85,6 +85,7 @@ pub fn complete_on_vcpu(
         sregs: vcpu
             .get_sregs()
             .map_err(|e| kvm_err("reading special registers", e))?,
+        kernel_gs_base: kernel_gs_base(vcpu)?,
     };
     let bytes = match &report.insn {
         Some(bytes) if !bytes.is_empty() => bytes.clone(),
@@ -100,6 +101,9 @@ pub fn complete_on_vcpu(
     if let Some(sregs) = sregs {
         vcpu.set_sregs(&sregs)
             .map_err(|e| kvm_err("setting special registers", e))?;
+    }
+    if let Some(base) = done.kernel_gs_base {
+        set_kernel_gs_base(vcpu, base)?;
     }
     if let Some(exception) = done.exception {
         let mut events: kvm_vcpu_events = vcpu
@@ -118,4 +122,33 @@ pub fn complete_on_vcpu(
             .map_err(|e| kvm_err("injecting the exception", e))?;
     }
     Ok(done)
+}
+
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+fn kernel_gs_base(vcpu: &VcpuFd) -> Result<u64, Unhandled> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_KERNEL_GS_BASE,
+        ..Default::default()
+    }])
+    .map_err(|e| Unhandled(format!("MSR list: {e:?}")))?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Ok(msrs.as_slice()[0].data),
+        Ok(_) => Err(Unhandled("KVM did not return MSR_KERNEL_GS_BASE".into())),
+        Err(e) => Err(Unhandled(format!("reading MSR_KERNEL_GS_BASE: {e}"))),
+    }
+}
+
+fn set_kernel_gs_base(vcpu: &VcpuFd, base: u64) -> Result<(), Unhandled> {
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_KERNEL_GS_BASE,
+        data: base,
+        ..Default::default()
+    }])
+    .map_err(|e| Unhandled(format!("MSR list: {e:?}")))?;
+    match vcpu.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(Unhandled("KVM refused MSR_KERNEL_GS_BASE".into())),
+        Err(e) => Err(Unhandled(format!("writing MSR_KERNEL_GS_BASE: {e}"))),
+    }
 }

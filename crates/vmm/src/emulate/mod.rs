@@ -12,6 +12,7 @@ pub mod kvm;
 mod operands;
 mod popcnt;
 mod smap;
+mod swapgs;
 pub mod translate;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
@@ -35,15 +36,17 @@ pub enum Kind {
     Popcnt,
     ClacStac,
     FsGsBase,
+    Swapgs,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Int3,
         Kind::LockCmpxchg16b,
         Kind::Popcnt,
         Kind::ClacStac,
         Kind::FsGsBase,
+        Kind::Swapgs,
     ];
 
     /// Its index in [`Kind::ALL`].
@@ -59,6 +62,7 @@ impl Kind {
             Kind::Popcnt => "popcnt",
             Kind::ClacStac => "clac_stac",
             Kind::FsGsBase => "fsgsbase",
+            Kind::Swapgs => "swapgs",
         }
     }
 }
@@ -68,6 +72,8 @@ impl Kind {
 pub struct CpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    /// MSR_KERNEL_GS_BASE, what `swapgs` exchanges GS.base with.
+    pub kernel_gs_base: u64,
 }
 
 impl CpuState {
@@ -98,6 +104,8 @@ pub struct Completion {
     pub exception: Option<Exception>,
     /// Special registers to resume with, when the instruction changed one (FS/GS bases).
     pub sregs: Option<kvm_sregs>,
+    /// MSR_KERNEL_GS_BASE to resume with, when the instruction changed it (`swapgs`).
+    pub kernel_gs_base: Option<u64>,
 }
 
 /// Why an instruction could not be completed: the message says what it was.
@@ -132,6 +140,7 @@ pub fn complete(
                 address: None,
             }),
             sregs: None,
+            kernel_gs_base: None,
         }),
         Code::Cmpxchg16b_m128 => cmpxchg16b::complete(&insn, state, mem),
         Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => {
@@ -146,6 +155,7 @@ pub fn complete(
         | Code::Wrfsbase_r64
         | Code::Wrgsbase_r32
         | Code::Wrgsbase_r64 => fsgsbase::complete(&insn, state),
+        Code::Swapgs => Ok(swapgs::complete(&insn, state)),
         _ => {
             return Err(Unhandled(format!(
                 "{shown}: the VMM does not complete this instruction"
@@ -255,6 +265,7 @@ pub(crate) mod test_machine {
                 ..Default::default()
             },
             sregs,
+            kernel_gs_base: 0,
         }
     }
 }

@@ -37,6 +37,7 @@ pub fn complete(
                         regs: *r,
                         exception: Some(e),
                         sregs: None,
+                        kernel_gs_base: None,
                     });
                 }
                 Err(e) => return Err(e),
@@ -62,6 +63,7 @@ pub fn complete(
         regs,
         exception: None,
         sregs: None,
+        kernel_gs_base: None,
     })
 }
 

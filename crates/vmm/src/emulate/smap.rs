@@ -21,6 +21,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
                 address: None,
             }),
             sregs: None,
+            kernel_gs_base: None,
         };
     }
     let rflags = if insn.code() == Code::Stac {
@@ -37,6 +38,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
         },
         exception: None,
         sregs: None,
+        kernel_gs_base: None,
     }
 }
 
