@@ -86,6 +86,10 @@ pub fn complete_on_vcpu(
             .get_sregs()
             .map_err(|e| kvm_err("reading special registers", e))?,
         kernel_gs_base: kernel_gs_base(vcpu)?,
+        fpu_status: vcpu
+            .get_fpu()
+            .map_err(|e| kvm_err("reading the FPU", e))?
+            .fsw,
     };
     let bytes = match &report.insn {
         Some(bytes) if !bytes.is_empty() => bytes.clone(),

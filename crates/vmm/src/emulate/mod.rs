@@ -14,6 +14,7 @@ mod popcnt;
 mod smap;
 mod swapgs;
 pub mod translate;
+mod x87_wait;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -37,16 +38,18 @@ pub enum Kind {
     ClacStac,
     FsGsBase,
     Swapgs,
+    Fwait,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Int3,
         Kind::LockCmpxchg16b,
         Kind::Popcnt,
         Kind::ClacStac,
         Kind::FsGsBase,
         Kind::Swapgs,
+        Kind::Fwait,
     ];
 
     /// Its index in [`Kind::ALL`].
@@ -63,6 +66,7 @@ impl Kind {
             Kind::ClacStac => "clac_stac",
             Kind::FsGsBase => "fsgsbase",
             Kind::Swapgs => "swapgs",
+            Kind::Fwait => "fwait",
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct CpuState {
     pub sregs: kvm_sregs,
     /// MSR_KERNEL_GS_BASE, what `swapgs` exchanges GS.base with.
     pub kernel_gs_base: u64,
+    /// The x87 status word (FSW), for `fwait`.
+    pub fpu_status: u16,
 }
 
 impl CpuState {
@@ -156,6 +162,7 @@ pub fn complete(
         | Code::Wrgsbase_r32
         | Code::Wrgsbase_r64 => fsgsbase::complete(&insn, state),
         Code::Swapgs => Ok(swapgs::complete(&insn, state)),
+        Code::Wait => Ok(x87_wait::complete(&insn, state)),
         _ => {
             return Err(Unhandled(format!(
                 "{shown}: the VMM does not complete this instruction"
@@ -266,6 +273,7 @@ pub(crate) mod test_machine {
             },
             sregs,
             kernel_gs_base: 0,
+            fpu_status: 0,
         }
     }
 }
