@@ -74,6 +74,7 @@ pub fn complete(
         exception: Some(exception),
         sregs: None,
         kernel_gs_base: None,
+        mxcsr: None,
     };
     let gva = memory_operand(insn, state)?;
     if gva % 16 != 0 {
@@ -108,6 +109,7 @@ pub fn complete(
         exception: None,
         sregs: None,
         kernel_gs_base: None,
+        mxcsr: None,
     })
 }
 

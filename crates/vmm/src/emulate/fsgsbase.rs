@@ -21,6 +21,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Result<Completion, Oper
         exception: Some(exception),
         sregs: None,
         kernel_gs_base: None,
+        mxcsr: None,
     };
     if s.cs.l == 0 || s.cr4 & CR4_FSGSBASE == 0 {
         return Ok(raise(Exception {
@@ -63,6 +64,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Result<Completion, Oper
         exception: None,
         sregs,
         kernel_gs_base: None,
+        mxcsr: None,
     })
 }
 

@@ -1,7 +1,7 @@
 //! The KVM side of completing an instruction: what KVM reported with its emulation failure, and
 //! putting the result back into the vCPU (registers, and the exception it raised, if any).
 
-use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, Msrs, kvm_msr_entry, kvm_vcpu_events};
+use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, Msrs, kvm_fpu, kvm_msr_entry, kvm_vcpu_events};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
@@ -78,6 +78,7 @@ pub fn complete_on_vcpu(
     mem: &GuestMemoryMmap,
 ) -> Result<Completion, Unhandled> {
     let kvm_err = |what: &str, e: kvm_ioctls::Error| Unhandled(format!("{what}: {e}"));
+    let fpu = vcpu.get_fpu().map_err(|e| kvm_err("reading the FPU", e))?;
     let state = CpuState {
         regs: vcpu
             .get_regs()
@@ -86,10 +87,7 @@ pub fn complete_on_vcpu(
             .get_sregs()
             .map_err(|e| kvm_err("reading special registers", e))?,
         kernel_gs_base: kernel_gs_base(vcpu)?,
-        fpu_status: vcpu
-            .get_fpu()
-            .map_err(|e| kvm_err("reading the FPU", e))?
-            .fsw,
+        fpu_status: fpu.fsw,
     };
     let bytes = match &report.insn {
         Some(bytes) if !bytes.is_empty() => bytes.clone(),
@@ -105,6 +103,11 @@ pub fn complete_on_vcpu(
     if let Some(sregs) = sregs {
         vcpu.set_sregs(&sregs)
             .map_err(|e| kvm_err("setting special registers", e))?;
+    }
+    if let Some(mxcsr) = done.mxcsr {
+        let new = kvm_fpu { mxcsr, ..fpu };
+        vcpu.set_fpu(&new)
+            .map_err(|e| kvm_err("setting MXCSR", e))?;
     }
     if let Some(base) = done.kernel_gs_base {
         set_kernel_gs_base(vcpu, base)?;

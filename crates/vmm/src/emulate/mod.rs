@@ -9,6 +9,7 @@
 mod cmpxchg16b;
 mod fsgsbase;
 pub mod kvm;
+mod ldmxcsr;
 mod operands;
 mod popcnt;
 mod smap;
@@ -39,10 +40,11 @@ pub enum Kind {
     FsGsBase,
     Swapgs,
     Fwait,
+    Ldmxcsr,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Int3,
         Kind::LockCmpxchg16b,
         Kind::Popcnt,
@@ -50,6 +52,7 @@ impl Kind {
         Kind::FsGsBase,
         Kind::Swapgs,
         Kind::Fwait,
+        Kind::Ldmxcsr,
     ];
 
     /// Its index in [`Kind::ALL`].
@@ -67,6 +70,7 @@ impl Kind {
             Kind::FsGsBase => "fsgsbase",
             Kind::Swapgs => "swapgs",
             Kind::Fwait => "fwait",
+            Kind::Ldmxcsr => "ldmxcsr",
         }
     }
 }
@@ -112,6 +116,8 @@ pub struct Completion {
     pub sregs: Option<kvm_sregs>,
     /// MSR_KERNEL_GS_BASE to resume with, when the instruction changed it (`swapgs`).
     pub kernel_gs_base: Option<u64>,
+    /// MXCSR to resume with, when the instruction loaded it (`ldmxcsr`).
+    pub mxcsr: Option<u32>,
 }
 
 /// Why an instruction could not be completed: the message says what it was.
@@ -147,6 +153,7 @@ pub fn complete(
             }),
             sregs: None,
             kernel_gs_base: None,
+            mxcsr: None,
         }),
         Code::Cmpxchg16b_m128 => cmpxchg16b::complete(&insn, state, mem),
         Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => {
@@ -163,6 +170,7 @@ pub fn complete(
         | Code::Wrgsbase_r64 => fsgsbase::complete(&insn, state),
         Code::Swapgs => Ok(swapgs::complete(&insn, state)),
         Code::Wait => Ok(x87_wait::complete(&insn, state)),
+        Code::Ldmxcsr_m32 => ldmxcsr::complete(&insn, state, mem),
         _ => {
             return Err(Unhandled(format!(
                 "{shown}: the VMM does not complete this instruction"

@@ -38,6 +38,7 @@ pub fn complete(
                         exception: Some(e),
                         sregs: None,
                         kernel_gs_base: None,
+                        mxcsr: None,
                     });
                 }
                 Err(e) => return Err(e),
@@ -64,6 +65,7 @@ pub fn complete(
         exception: None,
         sregs: None,
         kernel_gs_base: None,
+        mxcsr: None,
     })
 }
 

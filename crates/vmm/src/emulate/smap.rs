@@ -22,6 +22,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
             }),
             sregs: None,
             kernel_gs_base: None,
+            mxcsr: None,
         };
     }
     let rflags = if insn.code() == Code::Stac {
@@ -39,6 +40,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
         exception: None,
         sregs: None,
         kernel_gs_base: None,
+        mxcsr: None,
     }
 }
 

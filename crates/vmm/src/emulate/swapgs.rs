@@ -21,6 +21,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
             }),
             sregs: None,
             kernel_gs_base: None,
+            mxcsr: None,
         };
     }
     let mut sregs = state.sregs;
@@ -34,6 +35,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
         exception: None,
         sregs: Some(sregs),
         kernel_gs_base: Some(state.sregs.gs.base),
+        mxcsr: None,
     }
 }
 

@@ -39,6 +39,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
         }),
         sregs: None,
         kernel_gs_base: None,
+        mxcsr: None,
     }
 }
 
