@@ -159,7 +159,7 @@ fn populate(
     let mut cmdline = cfg.effective_cmdline();
     if images.is_linux() {
         for word in template.linux_cmdline_words(host::is_pvm()) {
-            if !cmdline.split_whitespace().any(|w| w == *word) {
+            if !cmdline.split_whitespace().any(|w| w == word) {
                 tracing::info!("adding `{word}` to the kernel command line (CPU template)");
                 cmdline = format!("{cmdline} {word}").trim_start().to_string();
             }

@@ -89,8 +89,14 @@ const IMPLIES: &[(&str, &[&str])] = &[
 ];
 
 /// What PVM hosts' instruction emulator cannot run in a guest kernel: `lock cmpxchg16b` (SLUB),
-/// `xrstor` (FPU set-up) and 5-level paging.
-pub const PVM_HIDDEN: &[&str] = &["cx16", "xsave", "la57"];
+/// `xrstor` (FPU set-up), 5-level paging, and SSSE3 (Linux's BLAKE2s for its random pool runs
+/// SSSE3 code in the kernel; PVM's emulator has no SSE arithmetic).
+pub const PVM_HIDDEN: &[&str] = &["cx16", "xsave", "la57", "ssse3"];
+
+/// Features PVM's KVM shows the guest whatever its CPUID says (measured with Debian's 6.1
+/// kernel: CX16 hidden by CPUID, XSAVE, AVX, POPCNT, SMAP and FSGSBASE still used), with the
+/// Linux command-line word that hides each from a Linux guest instead.
+const PVM_CPUID_IGNORED: &[(&str, &str)] = &[("xsave", "noxsave"), ("ssse3", "clearcpuid=ssse3")];
 
 /// XSAVE state enumeration, emptied when `xsave` is hidden.
 pub const XSAVE_LEAF: u32 = 0xd;
@@ -169,15 +175,16 @@ impl CpuTemplate {
     }
 
     /// Kernel command-line words a Linux guest needs for this template where CPUID alone does
-    /// not do: PVM's KVM shows the guest XSAVE whatever its CPUID says (measured with Debian's
-    /// 6.1 kernel: CX16 hidden, XSAVE and AVX still used), so hiding `xsave` there also takes
-    /// Linux's `noxsave`.
-    pub fn linux_cmdline_words(&self, pvm: bool) -> &'static [&'static str] {
-        if pvm && self.hides("xsave") {
-            &["noxsave"]
-        } else {
-            &[]
+    /// not do (on PVM hosts, see `PVM_CPUID_IGNORED`).
+    pub fn linux_cmdline_words(&self, pvm: bool) -> Vec<&'static str> {
+        if !pvm {
+            return Vec::new();
         }
+        PVM_CPUID_IGNORED
+            .iter()
+            .filter(|(feature, _)| self.hides(feature))
+            .map(|(_, word)| *word)
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -237,7 +244,10 @@ mod tests {
         let pvm = CpuTemplate::host_default(true);
         assert!(pvm.hides("cx16") && pvm.hides("xsave") && pvm.hides("la57"));
         assert!(pvm.hides("avx"), "with what depends on xsave");
-        assert_eq!(pvm.linux_cmdline_words(true), ["noxsave"]);
+        assert_eq!(
+            pvm.linux_cmdline_words(true),
+            ["noxsave", "clearcpuid=ssse3"]
+        );
         assert!(pvm.linux_cmdline_words(false).is_empty());
         assert!(
             CpuTemplate::parse("-cx16")
