@@ -95,7 +95,7 @@ fn spec_from(args: &CreateArgs) -> Result<VmSpec, Failure> {
     }
     if let Some(c) = &args.cpus {
         spec.cpus = c.boot;
-        spec.cpu_features = (!c.template.is_empty()).then(|| c.template.to_string());
+        spec.cpu_features = c.template.as_ref().map(|t| t.to_string());
     }
     if let Some(m) = &args.memory {
         if m.size % (1 << 20) != 0 {

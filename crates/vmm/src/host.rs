@@ -1,9 +1,11 @@
 //! What the host offers: /dev/kvm, its limits, and its memory.
 
 use std::path::Path;
+use std::sync::Once;
 
 use kvm_ioctls::{Cap, Kvm};
 
+use crate::arch::cpu_template::CpuTemplate;
 use crate::error::{Error, Result};
 
 pub const KVM_PATH: &str = "/dev/kvm";
@@ -42,6 +44,7 @@ pub fn open_kvm() -> Result<Kvm> {
             )));
         }
     }
+    report_pvm_once();
     Ok(kvm)
 }
 
@@ -65,6 +68,29 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
 /// True when /dev/kvm is PVM (software nested virtualization, ring 0 emulated).
 pub fn is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The CPU template a VM gets: the one given, else this host's default.
+pub fn cpu_template(given: Option<&CpuTemplate>) -> CpuTemplate {
+    given
+        .cloned()
+        .unwrap_or_else(|| CpuTemplate::host_default(is_pvm()))
+}
+
+/// Says once per process, at start, that the host is PVM and what that means for guests.
+fn report_pvm_once() {
+    static REPORTED: Once = Once::new();
+    if is_pvm() {
+        REPORTED.call_once(|| {
+            tracing::info!(
+                "this host's KVM is PVM (module kvm_pvm): guest kernel code runs in the host's \
+                 instruction emulator (slow); VMs hide {} from the guest unless --cpus \
+                 features=... (or features=none) says otherwise, and the VMM completes the \
+                 instructions the emulator gives up on",
+                CpuTemplate::host_default(true)
+            );
+        });
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ mod console_socket;
 pub mod control;
 mod counters;
 mod disk;
+mod emulate;
 pub mod error;
 pub mod host;
 pub mod hotplug;

@@ -28,8 +28,8 @@ use crate::arch::regs::write_descriptor_tables;
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::error::{Error, Result};
 use crate::pci::Pci;
-use crate::serial_io;
 use crate::vcpu::{self, Buses, VcpuSpec};
+use crate::{host, serial_io};
 use hyperpool_devices::virtio::{
     Console, ConsoleInput, CounterSet, Rng, VirtioDevice, VirtioPciDevice, Vsock,
 };
@@ -45,6 +45,18 @@ pub struct BootImages<'a> {
     pub protocol: Protocol,
     pub kernel_name: String,
     pub initramfs: Option<Vec<u8>>,
+}
+
+impl BootImages<'_> {
+    /// Linux's own boot protocols, or a PVH ELF that carries Linux's banner.
+    fn is_linux(&self) -> bool {
+        const BANNER: &[u8] = b"Linux version ";
+        match self.protocol {
+            Protocol::LinuxElf | Protocol::BzImage => true,
+            Protocol::Pvh => self.kernel.windows(BANNER.len()).any(|w| w == BANNER),
+            Protocol::Multiboot => false,
+        }
+    }
 }
 
 /// A device the VM reports figures for (`vm.counters`), and where it is plugged.
@@ -158,7 +170,16 @@ fn populate(
     }
 
     write_descriptor_tables(memory).map_err(|e| Error::Memory(e.to_string()))?;
-    let cmdline = cfg.effective_cmdline();
+    let template = host::cpu_template(cfg.cpus.template.as_ref());
+    let mut cmdline = cfg.effective_cmdline();
+    if images.is_linux() {
+        for word in template.linux_cmdline_words(host::is_pvm()) {
+            if !cmdline.split_whitespace().any(|w| w == word) {
+                tracing::info!("adding `{word}` to the kernel command line (CPU template)");
+                cmdline = format!("{cmdline} {word}").trim_start().to_string();
+            }
+        }
+    }
     let entry = boot::load(
         memory,
         images.protocol,
@@ -210,7 +231,7 @@ fn populate(
                     id,
                     count: cfg.cpus.boot,
                     supported_cpuid: &supported,
-                    template: &cfg.cpus.template,
+                    template: &template,
                     entry: (id == 0).then_some(entry),
                 },
             )

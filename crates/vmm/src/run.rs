@@ -40,9 +40,6 @@ impl Outcome {
     }
 }
 
-/// CPU features KVM on PVM hosts advertises but cannot run in a guest kernel.
-pub const PVM_UNSUPPORTED_FEATURES: &str = "-cx16,-xsave,-la57";
-
 const PAGE_SIZE: u64 = 4096;
 
 /// Even, so it never collides with a debug-exit code (always odd).
@@ -149,22 +146,18 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<Outcome> {
     validate(cfg, host::max_vcpus(&kvm), host::host_memory())?;
     let mut images = Some(load_images(cfg)?);
     if let Some(images) = &images {
+        let template = host::cpu_template(cfg.cpus.template.as_ref());
         tracing::info!(
             "booting {} as {} with {} vCPU(s), {} MiB{}",
             images.kernel_name,
             images.protocol,
             cfg.cpus.boot,
             cfg.memory.size >> 20,
-            if cfg.cpus.template.is_empty() {
+            if template.is_empty() {
                 String::new()
             } else {
-                format!(", CPU features {}", cfg.cpus.template)
+                format!(", CPU features {template}")
             }
-        );
-    }
-    if host::is_pvm() && cfg.kernel.is_some() {
-        tracing::info!(
-            "this host's KVM is PVM: guest kernel code is emulated (slow); stock Linux needs --cpus features={PVM_UNSUPPORTED_FEATURES}"
         );
     }
 

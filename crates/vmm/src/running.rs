@@ -43,6 +43,7 @@ impl RunningVm {
             buses: machine.buses.clone(),
             exit: machine.exit.clone(),
             gate: Arc::new(PauseGate::default()),
+            memory: machine.memory.clone(),
         };
         let count = machine.vcpus.len() as u32;
         let mut threads = Vec::new();

@@ -8,11 +8,13 @@ use kvm_bindings::{
     CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
 
 use crate::arch::cpu_template::CpuTemplate;
 use crate::arch::cpuid::{self, CpuidParams};
 use crate::arch::{msr, regs};
 use crate::counters::VcpuCounters;
+use crate::emulate::kvm::{InternalError, complete_on_vcpu};
 use crate::error::{Error, Result};
 use crate::pause::PauseGate;
 
@@ -21,7 +23,6 @@ const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7 << 8;
 const APIC_MODE_NMI: u32 = 0x4 << 8;
-const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
 /// Everything a vCPU needs to be created.
 pub struct VcpuSpec<'a> {
@@ -108,6 +109,8 @@ pub struct VcpuShared {
     pub buses: Buses,
     pub exit: Arc<ExitSignal>,
     pub gate: Arc<PauseGate>,
+    /// For completing instructions KVM could not emulate.
+    pub memory: GuestMemoryMmap,
 }
 
 /// Starts the thread that runs `vcpu` until `exit` is set, parking while the VM is paused.
@@ -127,7 +130,7 @@ pub fn spawn(
                 if exit.is_set() {
                     break;
                 }
-                if let Some(request) = run_once(&mut vcpu, id, &shared.buses, &counters) {
+                if let Some(request) = run_once(&mut vcpu, id, &shared, &counters) {
                     exit.request(request);
                 }
             }
@@ -153,10 +156,11 @@ impl Drop for StopVmOnPanic {
 fn run_once(
     vcpu: &mut VcpuFd,
     id: u32,
-    buses: &Buses,
+    shared: &VcpuShared,
     counters: &VcpuCounters,
 ) -> Option<ExitRequest> {
     let count = VcpuCounters::count;
+    let buses = &shared.buses;
     let exit = match vcpu.run() {
         Ok(exit) => exit,
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -217,31 +221,43 @@ fn run_once(
         VcpuExit::InternalError => None,
         other => Some(format!("unexpected exit {other:?}")),
     };
+    let Some(what) = fatal_what else {
+        return internal_error(vcpu, id, &shared.memory, counters);
+    };
     count(&counters.other);
-    let what = fatal_what.unwrap_or_else(|| internal_error(vcpu));
     Some(fatal(vcpu, id, &what))
 }
 
-fn internal_error(vcpu: &mut VcpuFd) -> String {
-    let run = vcpu.get_kvm_run();
-    // SAFETY: KVM filled the `internal` member of the union: this is only called for
-    // KVM_EXIT_INTERNAL_ERROR, and `ndata` is clamped to the array it indexes.
-    let internal = unsafe { run.__bindgen_anon_1.internal };
-    let n = (internal.ndata as usize).min(internal.data.len());
-    let data: Vec<String> = internal.data[..n]
-        .iter()
-        .map(|d| format!("{d:#x}"))
-        .collect();
-    let kind = if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
-        "instruction emulation failed"
-    } else {
-        "internal error"
-    };
-    format!(
-        "KVM {kind} (suberror {}, data [{}])",
-        internal.suberror,
-        data.join(", ")
-    )
+/// KVM_EXIT_INTERNAL_ERROR: an instruction KVM could not emulate is completed here when the VMM
+/// knows it (see `emulate`); anything else stops the VM.
+fn internal_error(
+    vcpu: &mut VcpuFd,
+    id: u32,
+    memory: &GuestMemoryMmap,
+    counters: &VcpuCounters,
+) -> Option<ExitRequest> {
+    let report = InternalError::read(vcpu);
+    if !report.is_emulation_failure() {
+        VcpuCounters::count(&counters.other);
+        return Some(fatal(vcpu, id, &report.describe()));
+    }
+    match complete_on_vcpu(vcpu, &report, memory) {
+        Ok(done) => {
+            counters.completed(done.kind, id);
+            None
+        }
+        Err(why) => {
+            VcpuCounters::count(&counters.other);
+            Some(fatal(
+                vcpu,
+                id,
+                &format!(
+                    "{}\n  the VMM cannot complete it either: {why}",
+                    report.describe()
+                ),
+            ))
+        }
+    }
 }
 
 /// The stop request for a guest-fatal event, with the vCPU's registers for the post-mortem.

@@ -88,6 +88,16 @@ const IMPLIES: &[(&str, &[&str])] = &[
     ("avx", &["avx2", "fma", "f16c", "avx512f"]),
 ];
 
+/// What PVM hosts' instruction emulator cannot run in a guest kernel: `lock cmpxchg16b` (SLUB),
+/// `xrstor` (FPU set-up), 5-level paging, and SSSE3 (Linux's BLAKE2s for its random pool runs
+/// SSSE3 code in the kernel; PVM's emulator has no SSE arithmetic).
+pub const PVM_HIDDEN: &[&str] = &["cx16", "xsave", "la57", "ssse3"];
+
+/// Features PVM's KVM shows the guest whatever its CPUID says (measured with Debian's 6.1
+/// kernel: CX16 hidden by CPUID, XSAVE, AVX, POPCNT, SMAP and FSGSBASE still used), with the
+/// Linux command-line word that hides each from a Linux guest instead.
+const PVM_CPUID_IGNORED: &[(&str, &str)] = &[("xsave", "noxsave"), ("ssse3", "clearcpuid=ssse3")];
+
 /// XSAVE state enumeration, emptied when `xsave` is hidden.
 pub const XSAVE_LEAF: u32 = 0xd;
 /// OSXSAVE mirrors CR4.OSXSAVE; it must go with XSAVE.
@@ -116,9 +126,12 @@ pub struct CpuTemplate {
 }
 
 impl CpuTemplate {
-    /// Parses `-cx16,-xsave` (also accepts `:` as separator).
+    /// Parses `-cx16,-xsave` (also accepts `:` as separator); `none` hides nothing.
     pub fn parse(spec: &str) -> Result<Self, TemplateError> {
         let mut t = Self::default();
+        if spec.trim().eq_ignore_ascii_case("none") {
+            return Ok(t);
+        }
         for item in spec
             .split([',', ':'])
             .map(str::trim)
@@ -149,6 +162,31 @@ impl CpuTemplate {
         Ok(())
     }
 
+    /// The template a host gets when none is given: PVM hosts hide what their emulator cannot
+    /// run; hardware KVM hides nothing.
+    pub fn host_default(pvm: bool) -> Self {
+        let mut t = Self::default();
+        if pvm {
+            for name in PVM_HIDDEN {
+                t.hide(name).expect("PVM_HIDDEN names known features");
+            }
+        }
+        t
+    }
+
+    /// Kernel command-line words a Linux guest needs for this template where CPUID alone does
+    /// not do (on PVM hosts, see `PVM_CPUID_IGNORED`).
+    pub fn linux_cmdline_words(&self, pvm: bool) -> Vec<&'static str> {
+        if !pvm {
+            return Vec::new();
+        }
+        PVM_CPUID_IGNORED
+            .iter()
+            .filter(|(feature, _)| self.hides(feature))
+            .map(|(_, word)| *word)
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.hidden.is_empty()
     }
@@ -171,8 +209,12 @@ impl CpuTemplate {
     }
 }
 
+/// Written as `parse` reads it: `-cx16,-xsave`, or `none`.
 impl fmt::Display for CpuTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.hidden.is_empty() {
+            return f.write_str("none");
+        }
         let names: Vec<String> = self.hidden.iter().map(|n| format!("-{n}")).collect();
         f.write_str(&names.join(","))
     }
@@ -192,6 +234,27 @@ mod tests {
         assert_eq!(t.to_string(), "-cx16,-xsave,-avx,-avx2,-fma,-f16c,-avx512f");
         assert_eq!(CpuTemplate::parse("-cx16:-cx16").unwrap().bits().len(), 1);
         assert!(CpuTemplate::parse("").unwrap().is_empty());
+        assert!(CpuTemplate::parse(" None ").unwrap().is_empty());
+        assert_eq!(CpuTemplate::default().to_string(), "none");
+    }
+
+    #[test]
+    fn host_defaults() {
+        assert!(CpuTemplate::host_default(false).is_empty());
+        let pvm = CpuTemplate::host_default(true);
+        assert!(pvm.hides("cx16") && pvm.hides("xsave") && pvm.hides("la57"));
+        assert!(pvm.hides("avx"), "with what depends on xsave");
+        assert_eq!(
+            pvm.linux_cmdline_words(true),
+            ["noxsave", "clearcpuid=ssse3"]
+        );
+        assert!(pvm.linux_cmdline_words(false).is_empty());
+        assert!(
+            CpuTemplate::parse("-cx16")
+                .unwrap()
+                .linux_cmdline_words(true)
+                .is_empty()
+        );
     }
 
     #[test]

@@ -76,8 +76,10 @@ fn cpus(c: &api::CpusConfig) -> Result<CpusConfig, String> {
         ));
     }
     let template = match &c.x_features {
-        Some(f) => CpuTemplate::parse(f).map_err(|e| format!("field `cpus.x_features`: {e}"))?,
-        None => CpuTemplate::default(),
+        Some(f) => {
+            Some(CpuTemplate::parse(f).map_err(|e| format!("field `cpus.x_features`: {e}"))?)
+        }
+        None => None,
     };
     Ok(CpusConfig {
         boot: c.boot_vcpus,
@@ -191,7 +193,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.cpus.boot, 2);
-        assert!(cfg.cpus.template.hides("cx16"));
+        assert!(cfg.cpus.template.unwrap().hides("cx16"));
         assert_eq!(cfg.memory.size, 256 << 20);
         assert_eq!(cfg.kernel, Some(PathBuf::from("/k")));
         let d = &cfg.disks[0];

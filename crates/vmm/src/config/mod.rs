@@ -17,14 +17,15 @@ use crate::arch::cpu_template::CpuTemplate;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpusConfig {
     pub boot: u32,
-    pub template: CpuTemplate,
+    /// Features hidden from the guest; None: the host's default (see `host::cpu_template`).
+    pub template: Option<CpuTemplate>,
 }
 
 impl Default for CpusConfig {
     fn default() -> Self {
         Self {
             boot: 1,
-            template: CpuTemplate::default(),
+            template: None,
         }
     }
 }

@@ -44,7 +44,7 @@ pub fn parse_cpus(text: &str) -> Result<CpusConfig, String> {
     for (k, v) in pairs("cpus", text)? {
         match k {
             "boot" => cfg.boot = number(&v)?,
-            "features" => cfg.template = CpuTemplate::parse(&v).map_err(|e| e.to_string())?,
+            "features" => cfg.template = Some(CpuTemplate::parse(&v).map_err(|e| e.to_string())?),
             _ => return Err(unknown("cpus", k, "boot, features")),
         }
     }
@@ -255,7 +255,19 @@ mod tests {
         assert_eq!(parse_cpus("4").unwrap().boot, 4);
         let c = parse_cpus("boot=2,features=-cx16,-xsave").unwrap();
         assert_eq!(c.boot, 2);
-        assert!(c.template.hides("cx16") && c.template.hides("xsave"));
+        let t = c.template.unwrap();
+        assert!(t.hides("cx16") && t.hides("xsave"));
+        assert_eq!(
+            parse_cpus("2").unwrap().template,
+            None,
+            "the host's default"
+        );
+        let none = parse_cpus("boot=1,features=none").unwrap().template;
+        assert_eq!(
+            none,
+            Some(CpuTemplate::default()),
+            "explicitly nothing hidden"
+        );
         assert!(parse_cpus("boot=two").unwrap_err().contains("not a number"));
         assert!(
             parse_cpus("boot=1,max=4")
