@@ -53,16 +53,18 @@ pub fn max_vcpus(kvm: &Kvm) -> u32 {
     kvm.get_max_vcpus() as u32
 }
 
-/// Total host RAM in bytes (MemTotal), if /proc/meminfo says.
+/// Total host RAM in bytes (MemTotal), from sysinfo(2): every VM start asks, and the kernel
+/// builds all of /proc/meminfo for each read of it.
 pub fn host_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total(&text)
-}
-
-fn parse_mem_total(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::zeroed();
+    // SAFETY: sysinfo fills the struct it is given; it is zeroed, so fully initialised either way.
+    let info = unsafe {
+        if libc::sysinfo(info.as_mut_ptr()) != 0 {
+            return None;
+        }
+        info.assume_init()
+    };
+    u64::from(info.totalram).checked_mul(u64::from(info.mem_unit))
 }
 
 /// True when /dev/kvm is PVM (software nested virtualization, ring 0 emulated).
@@ -98,10 +100,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn meminfo() {
-        let t = "MemTotal:       24615628 kB\nMemFree:        23008236 kB\n";
-        assert_eq!(parse_mem_total(t), Some(24615628 * 1024));
-        assert_eq!(parse_mem_total("MemFree: 1 kB"), None);
-        assert!(host_memory().unwrap() > 16 << 20);
+    fn host_memory_matches_meminfo() {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib: u64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert_eq!(host_memory(), Some(kib * 1024));
     }
 }

@@ -53,7 +53,7 @@ impl BootImages<'_> {
         const BANNER: &[u8] = b"Linux version ";
         match self.protocol {
             Protocol::LinuxElf | Protocol::BzImage => true,
-            Protocol::Pvh => self.kernel.windows(BANNER.len()).any(|w| w == BANNER),
+            Protocol::Pvh => memchr::memmem::find(&self.kernel, BANNER).is_some(),
             Protocol::Multiboot => false,
         }
     }
@@ -172,8 +172,10 @@ fn populate(
     write_descriptor_tables(memory).map_err(|e| Error::Memory(e.to_string()))?;
     let template = host::cpu_template(cfg.cpus.template.as_ref());
     let mut cmdline = cfg.effective_cmdline();
-    if images.is_linux() {
-        for word in template.linux_cmdline_words(host::is_pvm()) {
+    let words = template.linux_cmdline_words(host::is_pvm());
+    // Only then is the image searched for Linux's banner (a whole-image scan).
+    if !words.is_empty() && images.is_linux() {
+        for word in words {
             if !cmdline.split_whitespace().any(|w| w == word) {
                 tracing::info!("adding `{word}` to the kernel command line (CPU template)");
                 cmdline = format!("{cmdline} {word}").trim_start().to_string();
