@@ -64,7 +64,7 @@ pub fn host_memory() -> Option<u64> {
         }
         info.assume_init()
     };
-    u64::from(info.totalram).checked_mul(u64::from(info.mem_unit))
+    info.totalram.checked_mul(u64::from(info.mem_unit))
 }
 
 /// True when /dev/kvm is PVM (software nested virtualization, ring 0 emulated).
