@@ -6,45 +6,13 @@
 
 mod common;
 
+use common::debian::debian_guest;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// PVM cannot emulate these; hiding them gets the kernel through its early boot.
 const PVM_FEATURES: &str = "features=-cx16,-xsave,-la57";
-
-/// The Debian guest (built by `hyperpool guest debian`), or None when it cannot be had here.
-/// Built once per test binary: the tests run in parallel and must not build it twice at once.
-fn debian_guest() -> Option<PathBuf> {
-    static GUEST: OnceLock<Option<PathBuf>> = OnceLock::new();
-    GUEST.get_or_init(build_debian_guest).clone()
-}
-
-fn build_debian_guest() -> Option<PathBuf> {
-    let dir = std::env::var_os("HYPERPOOL_DEBIAN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("debian-guest"));
-    if !dir.join("vmlinux").exists() || !dir.join("vmlinuz").exists() {
-        let out = Command::new(hyperpool())
-            .args(["guest", "debian"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "cannot build the Debian guest in CI: {why}"
-            );
-            eprintln!("skipping: cannot build the Debian guest: {why}");
-            return None;
-        }
-    }
-    Some(dir)
-}
 
 /// Boots `kernel` until every `wanted` line has appeared (then stops it with SIGTERM).
 fn early_boot(kernel: &Path, cpus: u32, wanted: &[String], limit: Duration) -> Vec<String> {

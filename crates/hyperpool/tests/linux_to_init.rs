@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::debian::debian_guest;
 use common::*;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -25,31 +26,6 @@ const FILE_TEXT: &str = "written by the guest through virtio-blk";
 
 fn slow_tests_enabled() -> bool {
     std::env::var("HYPERPOOL_SLOW_TESTS").as_deref() == Ok("1")
-}
-
-/// The Debian guest (built by `hyperpool guest debian`), or None when it cannot be had here.
-fn debian_guest() -> Option<PathBuf> {
-    let dir = std::env::var_os("HYPERPOOL_DEBIAN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("debian-guest"));
-    if !dir.join("vmlinux").exists() || !dir.join("initramfs.cpio.gz").exists() {
-        let out = Command::new(hyperpool())
-            .args(["guest", "debian"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "cannot build the Debian guest in CI: {why}"
-            );
-            eprintln!("skipping: cannot build the Debian guest: {why}");
-            return None;
-        }
-    }
-    Some(dir)
 }
 
 /// A 16 MiB ext4 image holding one file, made by the host's mkfs.ext4 (e2fsprogs).

@@ -1,6 +1,7 @@
 //! Running the real `hyperpool` binary on real KVM, with time limits, and reading what it printed.
 #![allow(dead_code)]
 
+pub mod debian;
 pub mod netns;
 pub mod vmm;
 

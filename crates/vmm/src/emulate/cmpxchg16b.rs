@@ -68,14 +68,7 @@ pub fn complete(
     mem: &GuestMemoryMmap,
 ) -> Result<Completion, OperandError> {
     let r = &state.regs;
-    let fault = |exception: Exception| Completion {
-        kind: Kind::LockCmpxchg16b,
-        regs: *r,
-        exception: Some(exception),
-        sregs: None,
-        kernel_gs_base: None,
-        mxcsr: None,
-    };
+    let fault = |exception: Exception| Completion::raised(Kind::LockCmpxchg16b, *r, exception);
     let gva = memory_operand(insn, state)?;
     if gva % 16 != 0 {
         return Ok(fault(general_protection()));
@@ -103,14 +96,7 @@ pub fn complete(
         regs.rax = outcome.previous as u64;
         regs.rdx = (outcome.previous >> 64) as u64;
     }
-    Ok(Completion {
-        kind: Kind::LockCmpxchg16b,
-        regs,
-        exception: None,
-        sregs: None,
-        kernel_gs_base: None,
-        mxcsr: None,
-    })
+    Ok(Completion::done(Kind::LockCmpxchg16b, regs))
 }
 
 #[cfg(test)]

@@ -15,14 +15,7 @@ const UD_VECTOR: u8 = 6;
 pub fn complete(insn: &Instruction, state: &CpuState) -> Result<Completion, OperandError> {
     let r = &state.regs;
     let s = &state.sregs;
-    let raise = |exception: Exception| Completion {
-        kind: Kind::FsGsBase,
-        regs: *r,
-        exception: Some(exception),
-        sregs: None,
-        kernel_gs_base: None,
-        mxcsr: None,
-    };
+    let raise = |exception: Exception| Completion::raised(Kind::FsGsBase, *r, exception);
     if s.cs.l == 0 || s.cr4 & CR4_FSGSBASE == 0 {
         return Ok(raise(Exception {
             vector: UD_VECTOR,

@@ -22,14 +22,7 @@ pub fn complete(
     mem: &GuestMemoryMmap,
 ) -> Result<Completion, OperandError> {
     let s = &state.sregs;
-    let raise = |exception: Exception| Completion {
-        kind: Kind::Ldmxcsr,
-        regs: state.regs,
-        exception: Some(exception),
-        sregs: None,
-        kernel_gs_base: None,
-        mxcsr: None,
-    };
+    let raise = |exception: Exception| Completion::raised(Kind::Ldmxcsr, state.regs, exception);
     let plain = |vector| Exception {
         vector,
         error_code: None,

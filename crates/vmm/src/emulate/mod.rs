@@ -120,6 +120,28 @@ pub struct Completion {
     pub mxcsr: Option<u32>,
 }
 
+impl Completion {
+    /// The instruction done: resume with `regs`, nothing else changed.
+    pub fn done(kind: Kind, regs: kvm_regs) -> Self {
+        Self {
+            kind,
+            regs,
+            exception: None,
+            sregs: None,
+            kernel_gs_base: None,
+            mxcsr: None,
+        }
+    }
+
+    /// The instruction raised `exception`; `regs.rip` is what the CPU would push.
+    pub fn raised(kind: Kind, regs: kvm_regs, exception: Exception) -> Self {
+        Self {
+            exception: Some(exception),
+            ..Self::done(kind, regs)
+        }
+    }
+}
+
 /// Why an instruction could not be completed: the message says what it was.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unhandled(pub String);

@@ -32,14 +32,7 @@ pub fn complete(
             match read(mem, state, gva, &mut buf[..width]) {
                 Ok(()) => u64::from_le_bytes(buf),
                 Err(OperandError::Fault(e)) => {
-                    return Ok(Completion {
-                        kind: Kind::Popcnt,
-                        regs: *r,
-                        exception: Some(e),
-                        sregs: None,
-                        kernel_gs_base: None,
-                        mxcsr: None,
-                    });
+                    return Ok(Completion::raised(Kind::Popcnt, *r, e));
                 }
                 Err(e) => return Err(e),
             }
@@ -59,14 +52,7 @@ pub fn complete(
     if source == 0 {
         regs.rflags |= ZF;
     }
-    Ok(Completion {
-        kind: Kind::Popcnt,
-        regs,
-        exception: None,
-        sregs: None,
-        kernel_gs_base: None,
-        mxcsr: None,
-    })
+    Ok(Completion::done(Kind::Popcnt, regs))
 }
 
 #[cfg(test)]
