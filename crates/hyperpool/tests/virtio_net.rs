@@ -12,26 +12,6 @@ use std::time::{Duration, Instant};
 const TAP: &str = "hptap0";
 const MAC: &str = "52:54:00:12:34:56";
 
-/// A UDP echo server on 10.77.0.1:7 in `ns` (IP_FREEBIND: the address comes with the TAP later).
-fn start_echo_server(ns: &mut Netns) {
-    let script = "import socket\n\
-                      s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-                      s.setsockopt(socket.SOL_IP, 15, 1)\n\
-                      s.bind(('10.77.0.1', 7))\n\
-                      s.settimeout(120)\n\
-                      while True:\n\
-                      \x20   d, a = s.recvfrom(65536)\n\
-                      \x20   s.sendto(d, a)\n";
-    let child = ns
-        .exec("python3")
-        .args(["-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn the UDP echo server");
-    ns.keep(child);
-}
-
 /// Waits for the VMM to create the TAP in `ns`, then gives it 10.77.0.1/24 and brings it up.
 fn configure_tap(ns: &Netns, limit: Duration) -> Result<(), String> {
     let ns = ns.name.as_str();
@@ -74,7 +54,7 @@ fn probe_udp_echo_with_two_queue_pairs() {
 
 fn udp_echo(tag: &str, extra: &str) {
     let mut ns = Netns::new(tag);
-    start_echo_server(&mut ns);
+    ns.start_udp_echo();
     let spec = format!("tap={TAP},mac={MAC}{extra}");
     let child = ns
         .exec(hyperpool().to_str().unwrap())

@@ -10,7 +10,6 @@ use std::io::{IoSlice, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::netns::{Netns, ip, netns_available};
@@ -60,21 +59,7 @@ fn echo_server(ns: &mut Netns) {
     ] {
         assert!(ip(args), "ip {}", args.join(" "));
     }
-    let script = "import socket\n\
-                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-                  s.bind(('10.77.0.1', 7))\n\
-                  s.settimeout(120)\n\
-                  while True:\n\
-                  \x20   d, a = s.recvfrom(65536)\n\
-                  \x20   s.sendto(d, a)\n";
-    let child = ns
-        .exec("python3")
-        .args(["-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    ns.keep(child);
+    ns.start_udp_echo();
 }
 
 /// One HTTP request on the API socket with `fds` attached to its bytes (SCM_RIGHTS); returns

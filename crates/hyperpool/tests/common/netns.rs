@@ -63,6 +63,27 @@ impl Netns {
     }
 
     /// Kills and reaps `child` when the namespace goes.
+    /// A UDP echo server on 10.77.0.1:7 in this namespace (IP_FREEBIND: the address may come
+    /// with the TAP later), kept until the namespace goes.
+    pub fn start_udp_echo(&mut self) {
+        let script = "import socket\n\
+                      s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                      s.setsockopt(socket.SOL_IP, 15, 1)\n\
+                      s.bind(('10.77.0.1', 7))\n\
+                      s.settimeout(120)\n\
+                      while True:\n\
+                      \x20   d, a = s.recvfrom(65536)\n\
+                      \x20   s.sendto(d, a)\n";
+        let child = self
+            .exec("python3")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn the UDP echo server");
+        self.keep(child);
+    }
+
     pub fn keep(&mut self, child: Child) {
         self.children.push(child);
     }

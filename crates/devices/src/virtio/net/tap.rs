@@ -43,6 +43,18 @@ pub mod offload {
     pub const TSO_ECN: u32 = 0x08;
 }
 
+/// Makes the TAP carry the 12-byte `virtio_net_hdr_v1` in front of every frame.
+fn set_vnet_hdr_len(file: &File) -> io::Result<()> {
+    let hdr_len = VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("TUNSETVNETHDRSZ: {e}")));
+    }
+    Ok(())
+}
+
 /// Checks a TAP name as `TUNSETIFF` needs it (1 to 15 bytes, no `/`, whitespace or NUL).
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
@@ -113,13 +125,7 @@ impl Tap {
             let e = io::Error::last_os_error();
             return Err(io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")));
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("TUNSETVNETHDRSZ: {e}")));
-        }
+        set_vnet_hdr_len(&file)?;
         let tap = Self {
             file,
             is_tap: true,
@@ -164,13 +170,7 @@ impl Tap {
         if set < 0 {
             return Err(io::Error::last_os_error());
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("TUNSETVNETHDRSZ: {e}")));
-        }
+        set_vnet_hdr_len(&file)?;
         let tap = Self {
             file,
             is_tap: true,
