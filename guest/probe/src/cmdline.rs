@@ -25,13 +25,28 @@ pub unsafe fn read(paddr: u64) -> &'static str {
     }
     // SAFETY: the `len` bytes just scanned are readable and stay unchanged for the run.
     let bytes = unsafe { core::slice::from_raw_parts(base, len) };
-    if bytes.is_ascii() {
-        // SAFETY: ASCII is valid UTF-8. (`is_ascii` checks a word at a time; `from_utf8` goes
-        // byte by byte on short strings, which costs ~8 emulated instructions a byte.)
+    if all_ascii(bytes) {
+        // SAFETY: ASCII is valid UTF-8. (`from_utf8` goes byte by byte on short strings, which
+        // costs ~8 emulated instructions a byte.)
         unsafe { core::str::from_utf8_unchecked(bytes) }
     } else {
         core::str::from_utf8(bytes).unwrap_or("")
     }
+}
+
+/// Whether every byte is ASCII, a word at a time. Not `<[u8]>::is_ascii`: core's version runs
+/// SSE2 code on longer strings (its own target features, whatever this crate is built with),
+/// and this runs in ring 0, where PVM's emulator cannot do SSE (`orps` stopped the VM).
+fn all_ascii(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        if u64::from_ne_bytes(word) & 0x8080_8080_8080_8080 != 0 {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|b| *b < 0x80)
 }
 
 /// What the command line asks for.
