@@ -6,22 +6,17 @@ use iced_x86::{Code, Instruction};
 use kvm_bindings::kvm_regs;
 
 use super::operands::{OperandError, general_protection, register, set_register};
-use super::{Completion, CpuState, Exception, Kind};
+use super::{Completion, CpuState, Exception, Kind, UD_VECTOR};
 
 const CR4_FSGSBASE: u64 = 1 << 16;
 const CR4_LA57: u64 = 1 << 12;
-const UD_VECTOR: u8 = 6;
 
 pub fn complete(insn: &Instruction, state: &CpuState) -> Result<Completion, OperandError> {
     let r = &state.regs;
     let s = &state.sregs;
     let raise = |exception: Exception| Completion::raised(Kind::FsGsBase, *r, exception);
     if s.cs.l == 0 || s.cr4 & CR4_FSGSBASE == 0 {
-        return Ok(raise(Exception {
-            vector: UD_VECTOR,
-            error_code: None,
-            address: None,
-        }));
+        return Ok(raise(Exception::plain(UD_VECTOR)));
     }
     let mut regs = kvm_regs {
         rip: insn.next_ip(),

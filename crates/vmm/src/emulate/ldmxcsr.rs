@@ -7,14 +7,12 @@ use kvm_bindings::kvm_regs;
 use vm_memory::GuestMemoryMmap;
 
 use super::operands::{OperandError, general_protection, memory_operand, read};
-use super::{Completion, CpuState, Exception, Kind};
+use super::{Completion, CpuState, Exception, Kind, NM_VECTOR, UD_VECTOR};
 
 const CR0_EM: u64 = 1 << 2;
 const CR0_TS: u64 = 1 << 3;
 const CR4_OSFXSR: u64 = 1 << 9;
 const MXCSR_RESERVED: u32 = 0xffff_0000;
-const UD_VECTOR: u8 = 6;
-const NM_VECTOR: u8 = 7;
 
 pub fn complete(
     insn: &Instruction,
@@ -23,16 +21,11 @@ pub fn complete(
 ) -> Result<Completion, OperandError> {
     let s = &state.sregs;
     let raise = |exception: Exception| Completion::raised(Kind::Ldmxcsr, state.regs, exception);
-    let plain = |vector| Exception {
-        vector,
-        error_code: None,
-        address: None,
-    };
     if s.cr0 & CR0_EM != 0 || s.cr4 & CR4_OSFXSR == 0 {
-        return Ok(raise(plain(UD_VECTOR)));
+        return Ok(raise(Exception::plain(UD_VECTOR)));
     }
     if s.cr0 & CR0_TS != 0 {
-        return Ok(raise(plain(NM_VECTOR)));
+        return Ok(raise(Exception::plain(NM_VECTOR)));
     }
     let gva = memory_operand(insn, state)?;
     let mut buf = [0u8; 4];

@@ -29,6 +29,9 @@ pub const MAX_INSN_LEN: usize = 15;
 
 const ZF: u64 = 1 << 6;
 const BP_VECTOR: u8 = 3;
+/// #UD and #NM, raised by several instructions here.
+const UD_VECTOR: u8 = 6;
+const NM_VECTOR: u8 = 7;
 
 /// The instruction kinds completed here; each has a counter in `vm.counters`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +123,17 @@ pub struct Completion {
     pub mxcsr: Option<u32>,
 }
 
+impl Exception {
+    /// An exception without error code or faulting address (#BP, #UD, #NM, #MF).
+    pub fn plain(vector: u8) -> Self {
+        Self {
+            vector,
+            error_code: None,
+            address: None,
+        }
+    }
+}
+
 impl Completion {
     /// The instruction done: resume with `regs`, nothing else changed.
     pub fn done(kind: Kind, regs: kvm_regs) -> Self {
@@ -162,21 +176,14 @@ pub fn complete(
     let insn = decode(bytes, state)?;
     let shown = describe(&insn, bytes);
     match insn.code() {
-        Code::Int3 => Ok(Completion {
-            kind: Kind::Int3,
-            regs: kvm_regs {
+        Code::Int3 => Ok(Completion::raised(
+            Kind::Int3,
+            kvm_regs {
                 rip: insn.next_ip(),
                 ..state.regs
             },
-            exception: Some(Exception {
-                vector: BP_VECTOR,
-                error_code: None,
-                address: None,
-            }),
-            sregs: None,
-            kernel_gs_base: None,
-            mxcsr: None,
-        }),
+            Exception::plain(BP_VECTOR),
+        )),
         Code::Cmpxchg16b_m128 => cmpxchg16b::complete(&insn, state, mem),
         Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => {
             popcnt::complete(&insn, state, mem)

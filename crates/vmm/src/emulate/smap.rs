@@ -4,26 +4,14 @@
 use iced_x86::{Code, Instruction};
 use kvm_bindings::kvm_regs;
 
-use super::{Completion, CpuState, Exception, Kind};
+use super::{Completion, CpuState, Exception, Kind, UD_VECTOR};
 
 const AC: u64 = 1 << 18;
-const UD_VECTOR: u8 = 6;
 
 pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
     let r = &state.regs;
     if state.sregs.cs.selector & 3 != 0 {
-        return Completion {
-            kind: Kind::ClacStac,
-            regs: *r,
-            exception: Some(Exception {
-                vector: UD_VECTOR,
-                error_code: None,
-                address: None,
-            }),
-            sregs: None,
-            kernel_gs_base: None,
-            mxcsr: None,
-        };
+        return Completion::raised(Kind::ClacStac, *r, Exception::plain(UD_VECTOR));
     }
     let rflags = if insn.code() == Code::Stac {
         r.rflags | AC

@@ -4,25 +4,12 @@
 use iced_x86::Instruction;
 use kvm_bindings::kvm_regs;
 
-use super::{Completion, CpuState, Exception, Kind};
-
-const UD_VECTOR: u8 = 6;
+use super::{Completion, CpuState, Exception, Kind, UD_VECTOR};
 
 pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
     let r = &state.regs;
     if state.sregs.cs.l == 0 || state.sregs.cs.selector & 3 != 0 {
-        return Completion {
-            kind: Kind::Swapgs,
-            regs: *r,
-            exception: Some(Exception {
-                vector: UD_VECTOR,
-                error_code: None,
-                address: None,
-            }),
-            sregs: None,
-            kernel_gs_base: None,
-            mxcsr: None,
-        };
+        return Completion::raised(Kind::Swapgs, *r, Exception::plain(UD_VECTOR));
     }
     let mut sregs = state.sregs;
     sregs.gs.base = state.kernel_gs_base;

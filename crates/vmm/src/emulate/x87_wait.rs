@@ -4,13 +4,12 @@
 use iced_x86::Instruction;
 use kvm_bindings::kvm_regs;
 
-use super::{Completion, CpuState, Exception, Kind};
+use super::{Completion, CpuState, Exception, Kind, NM_VECTOR};
 
 const CR0_MP: u64 = 1 << 1;
 const CR0_TS: u64 = 1 << 3;
 const CR0_NE: u64 = 1 << 5;
 const FSW_ES: u16 = 1 << 7;
-const NM_VECTOR: u8 = 7;
 const MF_VECTOR: u8 = 16;
 
 pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
@@ -32,11 +31,7 @@ pub fn complete(insn: &Instruction, state: &CpuState) -> Completion {
     Completion {
         kind: Kind::Fwait,
         regs,
-        exception: vector.map(|vector| Exception {
-            vector,
-            error_code: None,
-            address: None,
-        }),
+        exception: vector.map(Exception::plain),
         sregs: None,
         kernel_gs_base: None,
         mxcsr: None,
