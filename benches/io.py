@@ -39,12 +39,11 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
-import sys
 import tempfile
-import threading
-import time
+
+import benchlib
+from benchlib import VmRun, die, fmt, image_opened_direct, run_quiet, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_HP = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/hyperpool")
@@ -53,9 +52,6 @@ MAC = "52:54:00:12:34:56"
 TAP = "hpbench0"
 SEQ_QD = 8
 RAND_QD = 32
-O_DIRECT = 0o40000
-VERBOSE = False
-RUN_LIMIT = 300  # seconds, one VM run (QEMU's SeaBIOS alone takes ~8 s under PVM)
 
 # Written into the TAP from inside the namespace: frames for the guest's MAC, ethertype
 # 0x88b5, "HPBENCH!" and a big-endian sequence number (what bench-net's rx phase checks).
@@ -75,102 +71,6 @@ for i in range(count):
     pack(">I", frame, 22, i)
     send(frame)
 """
-
-
-def die(msg):
-    sys.exit(f"io.py: {msg}")
-
-
-def run_quiet(cmd, **kw):
-    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
-
-
-def summary(values):
-    return min(values), statistics.median(values), max(values)
-
-
-def parse_figures(text):
-    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", text)}
-
-
-class VmRun:
-    """One VM: spawned, its stdout read line by line, with a handler for lines as they come."""
-
-    def __init__(self, cmd, on_line=None, stdin=False):
-        self.cmd = cmd
-        self.lines = []
-        env = dict(os.environ, HYPERPOOL_LOG="warn")
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        self.stderr = []
-        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
-        self.on_line = on_line
-
-    def wait(self):
-        killed = []
-        timer = threading.Timer(RUN_LIMIT, lambda: (killed.append(True), self.proc.kill()))
-        timer.start()
-        try:
-            for raw in self.proc.stdout:
-                line = raw.decode(errors="replace").rstrip("\r\n")
-                self.lines.append(line)
-                if self.on_line:
-                    self.on_line(self, line)
-            self.proc.wait()
-        finally:
-            timer.cancel()
-        if killed:
-            self.fail(f"did not finish within {RUN_LIMIT} s")
-        return self
-
-    def send(self, data):
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def fail(self, why):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        tail = "\n".join(self.lines[-15:])
-        err = b"".join(self.stderr[-10:]).decode(errors="replace")
-        die(f"{self.cmd[0]}: {why}\n$ {' '.join(self.cmd)}\n--- stdout (tail) ---\n{tail}\n"
-            f"--- stderr (tail) ---\n{err}")
-
-    def probe(self, check):
-        if VERBOSE:
-            for line in self.lines:
-                if line.startswith(("bench-", "PROBE bench-")):
-                    print(f"  {self.cmd[0] if self.cmd[0] != 'ip' else self.cmd[4]}: {line}")
-        for line in self.lines:
-            if line.startswith(f"PROBE {check} "):
-                if not line.startswith(f"PROBE {check} ok"):
-                    self.fail(line)
-                return parse_figures(line[len(f"PROBE {check} ok"):])
-        self.fail(f"no 'PROBE {check}' line")
-        return {}
-
-
-def image_opened_direct(pid, image, timeout=5.0):
-    """Whether process `pid` holds `image` open with O_DIRECT (None if it never opens it)."""
-    want = os.path.realpath(image)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") != want:
-                        continue
-                    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                        for line in f:
-                            if line.startswith("flags:"):
-                                return bool(int(line.split()[1], 8) & O_DIRECT)
-                except OSError:
-                    continue
-        except OSError:
-            return None
-        time.sleep(0.005)
-    return None
 
 
 class Bench:
@@ -357,10 +257,6 @@ NET_ROWS = [
 ]
 
 
-def fmt(v):
-    return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
-
-
 def report(title, rows, results):
     print(f"\n{title} (min / median / max over {len(results['hyperpool'])} runs; "
           f"load average now {os.getloadavg()[0]:.2f})")
@@ -401,8 +297,7 @@ def main():
                                   "default: a new one under /var/tmp, removed afterwards)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the guest's detail lines")
     args = ap.parse_args()
-    global VERBOSE
-    VERBOSE = args.verbose
+    benchlib.VERBOSE = args.verbose
     only = set(args.only.split(","))
     if not only <= {"blk", "net"} or args.runs < 1:
         ap.error("--only takes blk and/or net; --runs must be at least 1")

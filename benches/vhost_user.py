@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Out-of-process disks (vhost-user) against in-process ones, and our backend under QEMU.
+
+The guest is the probe's `bench-blk` (ring 3, polling: see io.py), on the same image for every
+configuration, one after another in each run:
+
+  hyperpool      hyperpool run --disk path=IMG                          (device in the VMM)
+  hp+vu          hyperpool run --disk vhost_user=true,socket=S
+                 + hyperpool device blk --socket S --disk path=IMG       (device in its own process)
+  qemu           QEMU's built-in virtio-blk-pci (aio=threads, cache as Hyperpool's)
+  qemu+vu(hp)    QEMU's vhost-user-blk-pci + hyperpool device blk        (our backend, QEMU's frontend)
+  qemu+vu(qsd)   QEMU's vhost-user-blk-pci + qemu-storage-daemon         (QEMU's own backend)
+
+Target: hp+vu >= 0.9x hyperpool (out of process costs at most 10% of the IOPS).
+QEMU runs `-accel kvm -M q35` with its RAM in a shared memfd (vhost-user needs it); SeaBIOS takes
+~8 s under PVM, outside the measured phases.
+
+Usage: benches/vhost_user.py [--runs N] [--ms MS] [--image-mib N] [--no-qemu]
+Needs: qemu-system-x86 and qemu-storage-daemon (scripts/setup-host.sh), /dev/kvm.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import benchlib
+from benchlib import VmRun, die, fmt, image_opened_direct, run_quiet, summary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_HP = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/hyperpool")
+MEMORY_MIB = 512
+SOCKET_WAIT = 10.0  # seconds for a backend to create its socket
+
+ROWS = [
+    ("randread4k_qd32_iops", "randread 4k qd32", "IOPS"),
+    ("seqread1m_mbps", "seqread 1M qd8", "MB/s"),
+    ("seqwrite1m_mbps", "seqwrite 1M qd8", "MB/s"),
+]
+CONFIGS = ["hyperpool", "hp+vu", "qemu", "qemu+vu(hp)", "qemu+vu(qsd)"]
+
+
+class Backend:
+    """A vhost-user backend process serving one socket, stopped with SIGTERM."""
+
+    def __init__(self, cmd, socket):
+        self.cmd = cmd
+        self.socket = socket
+        if os.path.exists(socket):
+            os.unlink(socket)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=dict(os.environ, HYPERPOOL_LOG="warn"))
+        deadline = time.monotonic() + SOCKET_WAIT
+        while not os.path.exists(socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                die(f"backend did not create {socket}\n$ {' '.join(cmd)}\n"
+                    f"{self.proc.stderr.read().decode(errors='replace')[-2000:]}")
+            time.sleep(0.005)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Bench:
+    def __init__(self, args, work):
+        self.args = args
+        self.hp = args.hyperpool
+        self.probe = os.path.join(work, "probe.elf")
+        self.image = os.path.join(work, "disk.img")
+        self.socket = os.path.join(work, "blk.sock")
+        self.cache = None
+
+    def cmdline(self):
+        return f"probe=bench-blk bench.ms={self.args.ms} bench.blk.mib={self.args.image_mib}"
+
+    def hp_cmd(self, disk):
+        return [self.hp, "run", "--cpus", "1", "--memory", f"{MEMORY_MIB}M", "--serial", "tty",
+                "--kernel", self.probe, "--cmdline", self.cmdline(), "--disk", disk]
+
+    def qemu_cmd(self, devices):
+        return ["qemu-system-x86_64", "-accel", "kvm", "-M", "q35,memory-backend=mem", "-cpu",
+                "host,-arch-capabilities", "-smp", "1", "-m", f"{MEMORY_MIB}M",
+                "-object", f"memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on",
+                "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+                "-kernel", self.probe, "-append", self.cmdline()] + devices
+
+    def hp_backend(self):
+        return Backend([self.hp, "device", "blk", "--socket", self.socket,
+                        "--disk", f"path={self.image}"], self.socket)
+
+    def qsd_backend(self):
+        direct = "on" if self.cache == "none" else "off"
+        return Backend(["qemu-storage-daemon", "--blockdev",
+                        f"driver=file,node-name=f,filename={self.image},aio=io_uring,"
+                        f"cache.direct={direct}",
+                        "--export", "type=vhost-user-blk,id=e,node-name=f,writable=on,"
+                        f"addr.type=unix,addr.path={self.socket}"], self.socket)
+
+    def make_image(self):
+        chunk = bytes(1 << 20)
+        with open(self.image, "wb") as f:
+            for _ in range(self.args.image_mib):
+                f.write(chunk)
+        os.sync()
+
+    def settle(self):
+        os.sync()
+        if self.cache != "none":
+            with open(self.image, "rb") as f:
+                while f.read(4 << 20):
+                    pass
+
+    def learn_cache(self, pid, what):
+        """QEMU's cache mode follows how our device opened the image (O_DIRECT or not)."""
+        direct = image_opened_direct(pid, self.image)
+        if self.cache is None:
+            if direct is None:
+                die(f"{what}: could not see how it opened the image")
+            self.cache = "none" if direct else "writeback"
+            print(f"cache mode: Hyperpool opened the image {'with' if direct else 'without'} "
+                  f"O_DIRECT -> QEMU cache={self.cache}")
+
+    def with_backend(self, backend, cmd, learn=False):
+        self.settle()
+        try:
+            if learn:
+                self.learn_cache(backend.proc.pid, "hyperpool device blk")
+            return VmRun(cmd).wait().probe("bench-blk")
+        finally:
+            backend.stop()
+
+    def run(self, config):
+        if config == "hyperpool":
+            self.settle()
+            vm = VmRun(self.hp_cmd(f"path={self.image}"))
+            self.learn_cache(vm.proc.pid, "hyperpool run")
+            return vm.wait().probe("bench-blk")
+        if config == "hp+vu":
+            backend = self.hp_backend()
+            return self.with_backend(backend, self.hp_cmd(f"vhost_user=true,socket={self.socket}"),
+                                     learn=True)
+        if config == "qemu":
+            self.settle()
+            return VmRun(self.qemu_cmd([
+                "-drive", f"if=none,id=d0,file={self.image},format=raw,cache={self.cache},"
+                          "aio=threads",
+                "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"])).wait().probe("bench-blk")
+        vu = ["-chardev", f"socket,id=c0,path={self.socket}",
+              "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1,disable-legacy=on"]
+        backend = self.hp_backend() if config == "qemu+vu(hp)" else self.qsd_backend()
+        return self.with_backend(backend, self.qemu_cmd(vu))
+
+
+def report(results):
+    n = len(next(iter(results.values())))
+    print(f"\nbench-blk, min / median / max over {n} runs (load average now "
+          f"{os.getloadavg()[0]:.2f})")
+    cols = list(results)
+    print(f"{'figure':<20}{'unit':<7}" + "".join(f"{c:>30}" for c in cols)
+          + f"{'vu/in':>8}" + (f"{'hp-be/qsd':>11}" if "qemu+vu(qsd)" in cols else ""))
+    for key, name, unit in ROWS:
+        stats = {c: summary([r[key] for r in results[c]]) for c in cols}
+        line = f"{name:<20}{unit:<7}" + "".join(
+            f"{' / '.join(fmt(v) for v in stats[c]):>30}" for c in cols)
+        line += f"{stats['hp+vu'][1] / stats['hyperpool'][1]:>7.2f}x"
+        if "qemu+vu(qsd)" in cols:
+            line += f"{stats['qemu+vu(hp)'][1] / stats['qemu+vu(qsd)'][1]:>10.2f}x"
+        print(line)
+    print("target: hp+vu >= 0.90x hyperpool (randread IOPS)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hyperpool", default=DEFAULT_HP,
+                    help="binary to use (default: build and use the release binary)")
+    ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--ms", type=int, default=2000, help="length of each timed phase")
+    ap.add_argument("--image-mib", type=int, default=1024, help="image size (the bench region)")
+    ap.add_argument("--no-qemu", action="store_true", help="only Hyperpool's two configurations")
+    ap.add_argument("--dir", help="work directory (not tmpfs: O_DIRECT; default: a new one "
+                                  "under /var/tmp, removed afterwards)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print the guest's detail lines")
+    args = ap.parse_args()
+    benchlib.VERBOSE = args.verbose
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    if args.hyperpool == DEFAULT_HP and not args.no_build:
+        print("building: cargo build --release -p hyperpool")
+        if subprocess.run(["cargo", "build", "--release", "-p", "hyperpool"], cwd=ROOT).returncode:
+            die("cargo build failed")
+    if not os.access(args.hyperpool, os.X_OK):
+        die(f"{args.hyperpool} not found")
+    configs = CONFIGS[:2] if args.no_qemu else CONFIGS
+    if not args.no_qemu:
+        for tool in ("qemu-system-x86_64", "qemu-storage-daemon"):
+            if not shutil.which(tool):
+                die(f"{tool} not found: apt-get install qemu-system-x86 "
+                    "(or run scripts/setup-host.sh), or pass --no-qemu")
+
+    work = args.dir or tempfile.mkdtemp(prefix="hyperpool-vu-", dir="/var/tmp")
+    os.makedirs(work, exist_ok=True)
+    bench = Bench(args, work)
+    try:
+        run_quiet([args.hyperpool, "guest", "probe", work], check=True)
+        print(f"guest: {bench.probe} (1 vCPU, {MEMORY_MIB} MiB); image {args.image_mib} MiB; "
+              f"{args.runs} runs; phases of {args.ms} ms")
+        bench.make_image()
+        results = {c: [] for c in configs}
+        for i in range(args.runs):
+            for c in configs:
+                results[c].append(bench.run(c))
+            print(f"run {i + 1}/{args.runs}: " + "  ".join(
+                f"{c}: {fmt(r[-1][ROWS[0][0]])}" for c, r in results.items()))
+        report(results)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
