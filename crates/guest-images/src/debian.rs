@@ -10,6 +10,7 @@ use crate::bzimage::{self, BzImageError, Compression};
 use crate::cpio::CpioError;
 use crate::initramfs::{self, InitramfsSpec, ModuleFile};
 use crate::modules::{ModuleError, ModuleTree};
+use crate::tools::{self, ToolsArchive};
 
 /// Metapackage that tracks the current Debian cloud kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
@@ -44,6 +45,8 @@ pub struct DebianGuest {
     pub vmlinux: PathBuf,
     /// `initramfs.cpio.gz`.
     pub initramfs: PathBuf,
+    /// `tools.cpio.gz`: fio, iperf3, mkfs.ext4 and their libraries, to append to `initramfs`.
+    pub tools: ToolsArchive,
     /// `uname -r` of the kernel, e.g. `6.1.0-56-cloud-amd64`.
     pub kernel_version: String,
     /// Compression the bzImage payload used.
@@ -106,6 +109,8 @@ pub enum Error {
     Modules(#[from] ModuleError),
     #[error("writing initramfs: {0}")]
     Cpio(#[from] CpioError),
+    #[error("guest tools: {0}")]
+    Tools(String),
 }
 
 impl Error {
@@ -119,7 +124,7 @@ impl Error {
     }
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_owned();
     move |source| Error::Io { what, path, source }
 }
@@ -130,7 +135,7 @@ pub fn build_debian(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<Debian
 }
 
 /// Builds a guest into `dir`:
-/// `vmlinuz`, `vmlinux`, `initramfs.cpio.gz` and `KERNEL_VERSION`.
+/// `vmlinuz`, `vmlinux`, `initramfs.cpio.gz`, `tools.cpio.gz` and `KERNEL_VERSION`.
 pub fn build_debian_with(
     dir: &Path,
     opts: &DebianOptions,
@@ -264,6 +269,9 @@ pub fn build_debian_with(
     file.sync_all().map_err(io("writing", &tmp))?;
     std::fs::rename(&tmp, &initramfs_path).map_err(io("renaming", &tmp))?;
 
+    // 6. Tools, a second archive.
+    let tools = tools::build_tools(dir, &cache, &staging, progress)?;
+
     write_atomic(
         &dir.join("KERNEL_VERSION"),
         format!("{kernel_version}\n").as_bytes(),
@@ -275,6 +283,7 @@ pub fn build_debian_with(
         vmlinuz,
         vmlinux,
         initramfs: initramfs_path,
+        tools,
         kernel_version,
         compression: vml.compression,
         pvh_entry: vml.pvh_entry,
@@ -283,27 +292,27 @@ pub fn build_debian_with(
     })
 }
 
-fn file_name(p: &Path) -> String {
+pub(crate) fn file_name(p: &Path) -> String {
     p.file_name().map_or_else(
         || p.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     )
 }
 
-fn tmp_path(p: &Path) -> PathBuf {
+pub(crate) fn tmp_path(p: &Path) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(".tmp");
     PathBuf::from(s)
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     let tmp = tmp_path(path);
     std::fs::write(&tmp, data).map_err(io("writing", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("renaming", &tmp))
 }
 
 /// Runs a command with a C locale; returns stdout, or the exit status and stderr.
-fn run(cmd: &mut Command) -> Result<Result<String, (String, String)>, Error> {
+pub(crate) fn run(cmd: &mut Command) -> Result<Result<String, (String, String)>, Error> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let out = cmd.env("LC_ALL", "C").output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -402,7 +411,11 @@ fn resolve_kernel_package(cache: &Path) -> Result<String, Error> {
 }
 
 /// Returns the path of `pkg`'s candidate `.deb` in `cache`, downloading it if needed.
-fn ensure_deb(cache: &Path, pkg: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, Error> {
+pub(crate) fn ensure_deb(
+    cache: &Path,
+    pkg: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, Error> {
     let candidate = match run(Command::new("apt-cache").args(["policy", pkg]))? {
         Ok(out) => parse_candidate(&out),
         Err(_) => None,
@@ -475,7 +488,7 @@ fn ensure_deb(cache: &Path, pkg: &str, progress: &mut dyn FnMut(&str)) -> Result
     outcome
 }
 
-fn dpkg_extract(deb: &Path, dest: &Path) -> Result<(), Error> {
+pub(crate) fn dpkg_extract(deb: &Path, dest: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dest).map_err(io("creating", dest))?;
     match run(Command::new("dpkg").arg("-x").arg(deb).arg(dest))? {
         Ok(_) => Ok(()),
