@@ -3,6 +3,7 @@
 //! Uses the host's `apt-cache`, `apt-get download` and `dpkg -x` (so it needs a Debian
 //! host with package lists), never installs anything into the host system.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -420,6 +421,43 @@ pub(crate) fn ensure_deb(
         Ok(out) => parse_candidate(&out),
         Err(_) => None,
     };
+    ensure_deb_version(cache, pkg, candidate, progress)
+}
+
+/// The candidate versions of several packages from one `apt-cache policy` (each run loads
+/// apt's whole cache, about a second); packages apt does not know are absent.
+pub(crate) fn candidates(pkgs: &[String]) -> Result<BTreeMap<String, String>, Error> {
+    Ok(
+        match run(Command::new("apt-cache").arg("policy").args(pkgs))? {
+            Ok(out) => parse_candidates(&out),
+            Err(_) => BTreeMap::new(),
+        },
+    )
+}
+
+/// `Candidate:` of each package in a multi-package `apt-cache policy` output.
+pub fn parse_candidates(policy: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut pkg: Option<&str> = None;
+    for line in policy.lines() {
+        if !line.starts_with(' ') {
+            pkg = line.strip_suffix(':');
+        } else if let Some(p) = pkg
+            && let Some(v) = parse_candidate(line)
+        {
+            out.insert(p.to_owned(), v);
+        }
+    }
+    out
+}
+
+/// Like [`ensure_deb`] with the candidate version already known (`None`: apt has none).
+pub(crate) fn ensure_deb_version(
+    cache: &Path,
+    pkg: &str,
+    candidate: Option<String>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, Error> {
     let Some(version) = candidate else {
         // No lists (or unknown package): an already downloaded .deb will do.
         let any = format!("{pkg}_");
@@ -532,6 +570,14 @@ mod tests {
         );
         assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
         assert_eq!(parse_candidate(""), None);
+        let many = "libc6:\n  Installed: 2.36-9\n  Candidate: 2.36-9+deb12u14\n  Version table:\n \
+                    *** 2.36-9 500\n        500 http://x bookworm/main amd64 Packages\n\
+                    zlib1g:\n  Installed: (none)\n  Candidate: 1:1.2.13.dfsg-1\n\
+                    gone:\n  Installed: (none)\n  Candidate: (none)\n";
+        let c = parse_candidates(many);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c["libc6"], "2.36-9+deb12u14");
+        assert_eq!(c["zlib1g"], "1:1.2.13.dfsg-1");
         assert_eq!(
             deb_prefix("busybox-static", "1:1.35.0-4"),
             "busybox-static_1%3a1.35.0-4_"

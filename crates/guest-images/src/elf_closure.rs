@@ -76,6 +76,13 @@ pub enum ClosureError {
     SymlinkLoop { path: String },
 }
 
+/// Parsed runtime needs by host file, kept across [`closure`] calls: a resolution that grows the
+/// set of trees round by round then parses each object once.
+#[derive(Debug, Default)]
+pub struct ElfCache {
+    needs: BTreeMap<(PathBuf, String), Option<Needs>>,
+}
+
 /// `a/b/../c` → `/a/c`, for guest paths (no file system access).
 pub fn normalize(path: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
@@ -200,7 +207,11 @@ fn needs_of(host: &Path, guest_path: &str) -> Result<Option<Needs>, ClosureError
 
 /// Everything `roots` (guest absolute paths: programs, also plain data files) need, found in
 /// `trees` (directories each holding an extracted package, earlier ones win).
-pub fn closure(trees: &[PathBuf], roots: &[&str]) -> Result<Closure, ClosureError> {
+pub fn closure(
+    trees: &[PathBuf],
+    roots: &[&str],
+    cache: &mut ElfCache,
+) -> Result<Closure, ClosureError> {
     let fs = Union { trees };
     let mut out = Closure::default();
     let mut done: BTreeSet<String> = BTreeSet::new();
@@ -219,7 +230,16 @@ pub fn closure(trees: &[PathBuf], roots: &[&str]) -> Result<Closure, ClosureErro
         }
         out.entries
             .insert(obj.path.clone(), Entry::File(obj.host.clone()));
-        let Some((interp, needed, dirs)) = needs_of(&obj.host, &obj.path)? else {
+        let key = (obj.host.clone(), obj.path.clone());
+        let needs = match cache.needs.get(&key) {
+            Some(n) => n.clone(),
+            None => {
+                let n = needs_of(&obj.host, &obj.path)?;
+                cache.needs.insert(key, n.clone());
+                n
+            }
+        };
+        let Some((interp, needed, dirs)) = needs else {
             continue;
         };
         let mut want: Vec<(String, Vec<String>)> = Vec::new();
@@ -337,7 +357,7 @@ mod tests {
         }
         let trees = vec![prog.clone(), libc.clone()];
         let roots = ["/usr/bin/sh", "/usr/bin/notes.txt"];
-        let c = closure(&trees, &roots).unwrap();
+        let c = closure(&trees, &roots, &mut ElfCache::default()).unwrap();
         if c.unresolved.iter().any(|u| !libs.contains(&u.name)) {
             eprintln!(
                 "skipping: the host's libraries need more: {:?}",
@@ -364,7 +384,7 @@ mod tests {
         assert!(c.file_bytes() > 0);
         // A library taken away is reported as needed by the program, from tree 0.
         std::fs::remove_file(real_dir.join(&libs[0])).unwrap();
-        let c = closure(&trees, &roots).unwrap();
+        let c = closure(&trees, &roots, &mut ElfCache::default()).unwrap();
         assert_eq!(
             c.unresolved,
             [Unresolved {
@@ -374,7 +394,7 @@ mod tests {
             }]
         );
         assert!(matches!(
-            closure(&trees, &["/usr/bin/missing"]),
+            closure(&trees, &["/usr/bin/missing"], &mut ElfCache::default()),
             Err(ClosureError::RootMissing { .. })
         ));
     }

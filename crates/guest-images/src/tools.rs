@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cpio::CpioWriter;
-use crate::debian::{Error, dpkg_extract, ensure_deb, file_name, io, run, tmp_path};
-use crate::elf_closure::{self, Closure, Entry};
+use crate::debian::{
+    Error, candidates, dpkg_extract, ensure_deb_version, file_name, io, run, tmp_path,
+};
+use crate::elf_closure::{self, Closure, ElfCache, Entry};
 
 /// A Debian package and the guest paths taken from it.
 #[derive(Debug, Clone, Copy)]
@@ -172,28 +174,31 @@ pub fn build_tools(
 ) -> Result<ToolsArchive, Error> {
     let mut trees: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    let fetch = |pkg: &str,
+    let fetch = |pkgs: &[String],
                  trees: &mut BTreeMap<String, PathBuf>,
                  order: &mut Vec<String>,
                  progress: &mut dyn FnMut(&str)|
      -> Result<(), Error> {
-        let deb = ensure_deb(cache, pkg, progress)?;
-        let root = staging.join("tools").join(pkg);
-        dpkg_extract(&deb, &root)?;
-        trees.insert(pkg.to_owned(), root);
-        order.push(pkg.to_owned());
+        let mut versions = candidates(pkgs)?;
+        for pkg in pkgs {
+            let deb = ensure_deb_version(cache, pkg, versions.remove(pkg), progress)?;
+            let root = staging.join("tools").join(pkg);
+            dpkg_extract(&deb, &root)?;
+            trees.insert(pkg.clone(), root);
+            order.push(pkg.clone());
+        }
         Ok(())
     };
-    for t in GUEST_TOOLS {
-        fetch(t.package, &mut trees, &mut order, progress)?;
-    }
+    let tools: Vec<String> = GUEST_TOOLS.iter().map(|t| t.package.to_owned()).collect();
+    fetch(&tools, &mut trees, &mut order, progress)?;
     let roots: Vec<&str> = GUEST_TOOLS.iter().flat_map(|t| t.paths).copied().collect();
     let manifest = cache.join(MANIFEST);
     let mut rounds = 0;
+    let mut elf_cache = ElfCache::default();
     let closure: Closure = loop {
         let tree_list: Vec<PathBuf> = order.iter().map(|p| trees[p].clone()).collect();
-        let c =
-            elf_closure::closure(&tree_list, &roots).map_err(|e| Error::Tools(e.to_string()))?;
+        let c = elf_closure::closure(&tree_list, &roots, &mut elf_cache)
+            .map_err(|e| Error::Tools(e.to_string()))?;
         if c.unresolved.is_empty() {
             break c;
         }
@@ -227,9 +232,7 @@ pub fn build_tools(
             c.unresolved[0].name,
             wanted.join(" ")
         ));
-        for pkg in &wanted {
-            fetch(pkg, &mut trees, &mut order, progress)?;
-        }
+        fetch(&wanted, &mut trees, &mut order, progress)?;
     };
 
     // Which packages contributed files, for the manifest and the report.

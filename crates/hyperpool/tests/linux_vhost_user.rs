@@ -323,11 +323,7 @@ fn net_guest_pings_and_runs_iperf3() {
     let mut ns = Netns::new("tcgnet");
     let tap = "hptcg0";
     let exec = |args: &[&str]| {
-        let ok = ns
-            .exec("ip")
-            .args(args)
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = ns.exec("ip").args(args).status().is_ok_and(|s| s.success());
         assert!(ok, "ip {args:?} in {}", ns.name);
     };
     exec(&["tuntap", "add", "dev", tap, "mode", "tap"]);
@@ -370,7 +366,8 @@ fn net_guest_pings_and_runs_iperf3() {
     .run();
     run.assert_ok();
     assert!(
-        run.serial.contains("3 packets transmitted, 3 packets received"),
+        run.serial
+            .contains("3 packets transmitted, 3 packets received"),
         "{}",
         run.describe()
     );

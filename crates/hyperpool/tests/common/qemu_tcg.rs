@@ -118,20 +118,27 @@ impl TcgBoot<'_> {
             None => Command::new("qemu-system-x86_64"),
         };
         let mem = format!("memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on");
-        cmd.args(["-accel", "tcg", "-M", "q35,memory-backend=mem", "-cpu", "max"])
-            .args(["-m", &format!("{MEMORY_MIB}M"), "-object", &mem])
-            .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-            .args(["-no-reboot", "-nodefaults"])
-            .arg("-kernel")
-            .arg(self.guest.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(&initrd)
-            // panic=-1 with -no-reboot: a guest panic ends QEMU rather than hanging the test.
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
-            .args(&self.device_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-M",
+            "q35,memory-backend=mem",
+            "-cpu",
+            "max",
+        ])
+        .args(["-m", &format!("{MEMORY_MIB}M"), "-object", &mem])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .args(["-no-reboot", "-nodefaults"])
+        .arg("-kernel")
+        .arg(self.guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd)
+        // panic=-1 with -no-reboot: a guest panic ends QEMU rather than hanging the test.
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        .args(&self.device_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let start = Instant::now();
         let mut child = cmd.spawn().expect("spawn qemu-system-x86_64");
         let out = child.stdout.take().unwrap();
