@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{Netns, netns_available};
 use common::qemu_tcg::{TcgBoot, TcgRun, tcg_guest};
-use common::vhost_user_backend::{BlkBackend, ImageFormat};
+use common::vhost_user_backend::{BlkBackend, ImageFormat, NetBackend};
 
 /// A TCG boot takes seconds to /init; fio and mkfs run emulated too.
 const LIMIT: Duration = Duration::from_secs(300);
@@ -312,72 +312,67 @@ fn qcow2_overlay_keeps_its_base() {
 }
 
 /// virtio-net under Linux: address, ping and an iperf3 run to a server on the host end of a
-/// TAP in a test namespace. The netdev is QEMU's own TAP backend; a vhost-user-net backend
-/// replaces the `-netdev` arguments only.
+/// TAP in a test namespace, for each net backend.
 #[test]
 fn net_guest_pings_and_runs_iperf3() {
     let Some(guest) = tcg_guest() else { return };
     if !netns_available() || !has_program("iperf3", "--version") {
         return;
     }
-    let mut ns = Netns::new("tcgnet");
-    let tap = "hptcg0";
-    let exec = |args: &[&str]| {
-        let ok = ns.exec("ip").args(args).status().is_ok_and(|s| s.success());
-        assert!(ok, "ip {args:?} in {}", ns.name);
-    };
-    exec(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-    exec(&["addr", "add", "10.77.0.1/24", "dev", tap]);
-    exec(&["link", "set", tap, "up"]);
-    exec(&["link", "set", "lo", "up"]);
-    let server = ns
-        .exec("iperf3")
-        .args(["-s", "-1", "-B", "10.77.0.1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn iperf3 -s");
-    ns.keep(server);
-    let script = "set -e\n\
-                  ip link set eth0 up\n\
-                  ip addr add 10.77.0.2/24 dev eth0\n\
-                  ping -c 3 -W 5 10.77.0.1\n\
-                  iperf3 -c 10.77.0.1 -t 3 -f m > /tmp/iperf.out\n\
-                  cat /tmp/iperf.out\n\
-                  echo IPERF-MBITS=$(grep receiver /tmp/iperf.out | awk '{print $7}')\n";
-    let device_args: Vec<String> = [
-        "-netdev",
-        &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        "-device",
-        "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:02",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let started = Instant::now();
-    let run = TcgBoot {
-        guest: &guest,
-        script,
-        device_args,
-        limit: LIMIT,
-        netns: Some(&ns.name),
+    for &backend in NetBackend::ALL {
+        let mut ns = Netns::new("tcgnet");
+        let tap = "hptcg0";
+        let exec = |args: &[&str]| {
+            let ok = ns.exec("ip").args(args).status().is_ok_and(|s| s.success());
+            assert!(ok, "ip {args:?} in {}", ns.name);
+        };
+        exec(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+        exec(&["addr", "add", "10.77.0.1/24", "dev", tap]);
+        exec(&["link", "set", tap, "up"]);
+        exec(&["link", "set", "lo", "up"]);
+        let server = ns
+            .exec("iperf3")
+            .args(["-s", "-1", "-B", "10.77.0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn iperf3 -s");
+        ns.keep(server);
+        let script = "set -e\n\
+                      ip link set eth0 up\n\
+                      ip addr add 10.77.0.2/24 dev eth0\n\
+                      ping -c 3 -W 5 10.77.0.1\n\
+                      iperf3 -c 10.77.0.1 -t 3 -f m > /tmp/iperf.out\n\
+                      cat /tmp/iperf.out\n\
+                      echo IPERF-MBITS=$(grep receiver /tmp/iperf.out | awk '{print $7}')\n";
+        let (process, device_args) = backend.attach(tap, "52:54:00:77:00:02");
+        let started = Instant::now();
+        let run = TcgBoot {
+            guest: &guest,
+            script,
+            device_args,
+            limit: LIMIT,
+            netns: Some(&ns.name),
+        }
+        .run();
+        drop(process);
+        run.assert_ok();
+        assert!(
+            run.serial
+                .contains("3 packets transmitted, 3 packets received"),
+            "{}",
+            run.describe()
+        );
+        let mbits: f64 = run
+            .value("IPERF-MBITS")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no iperf3 result\n{}", run.describe()));
+        assert!(mbits > 0.0, "{}", run.describe());
+        eprintln!(
+            "{}: virtio-net under TCG: iperf3 {mbits} Mbit/s; test took {:?}",
+            backend.name(),
+            started.elapsed()
+        );
     }
-    .run();
-    run.assert_ok();
-    assert!(
-        run.serial
-            .contains("3 packets transmitted, 3 packets received"),
-        "{}",
-        run.describe()
-    );
-    let mbits: f64 = run
-        .value("IPERF-MBITS")
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no iperf3 result\n{}", run.describe()));
-    assert!(mbits > 0.0, "{}", run.describe());
-    eprintln!(
-        "virtio-net (QEMU tap) under TCG: iperf3 {mbits} Mbit/s; test took {:?}",
-        started.elapsed()
-    );
 }

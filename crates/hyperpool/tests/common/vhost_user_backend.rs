@@ -163,3 +163,36 @@ impl Drop for BackendProcess {
         }
     }
 }
+
+/// Who serves the guest's virtio-net on a TAP in the test's network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetBackend {
+    /// QEMU's built-in TAP netdev: the reference the vhost-user-net backends are held to.
+    QemuTap,
+}
+
+impl NetBackend {
+    pub const ALL: &'static [NetBackend] = &[NetBackend::QemuTap];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::QemuTap => "qemu-tap",
+        }
+    }
+
+    /// QEMU arguments for a `virtio-net-pci` device with MAC `mac` on `tap` (which exists in
+    /// the namespace QEMU runs in), and the backend process if the backend is one.
+    pub fn attach(self, tap: &str, mac: &str) -> (Option<BackendProcess>, Vec<String>) {
+        match self {
+            Self::QemuTap => (
+                None,
+                vec![
+                    "-netdev".into(),
+                    format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+                    "-device".into(),
+                    format!("virtio-net-pci,netdev=n0,mac={mac}"),
+                ],
+            ),
+        }
+    }
+}
