@@ -9,6 +9,7 @@ use std::process::Command;
 
 use crate::bzimage::{self, BzImageError, Compression};
 use crate::cpio::CpioError;
+use crate::elf_closure::ClosureError;
 use crate::initramfs::{self, InitramfsSpec, ModuleFile};
 use crate::modules::{ModuleError, ModuleTree};
 use crate::tools::{self, ToolsArchive};
@@ -111,7 +112,17 @@ pub enum Error {
     #[error("writing initramfs: {0}")]
     Cpio(#[from] CpioError),
     #[error("guest tools: {0}")]
-    Tools(String),
+    ElfClosure(#[from] ClosureError),
+    #[error(
+        "guest tools: {soname} (needed by {needed_by} from package {package}) is in none of the \
+         packages downloaded, nor in the dependencies of {owners}"
+    )]
+    LibraryNotFound {
+        soname: String,
+        needed_by: String,
+        package: String,
+        owners: String,
+    },
 }
 
 impl Error {

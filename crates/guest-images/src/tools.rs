@@ -197,8 +197,7 @@ pub fn build_tools(
     let mut elf_cache = ElfCache::default();
     let closure: Closure = loop {
         let tree_list: Vec<PathBuf> = order.iter().map(|p| trees[p].clone()).collect();
-        let c = elf_closure::closure(&tree_list, &roots, &mut elf_cache)
-            .map_err(|e| Error::Tools(e.to_string()))?;
+        let c = elf_closure::closure(&tree_list, &roots, &mut elf_cache)?;
         if c.unresolved.is_empty() {
             break c;
         }
@@ -217,14 +216,12 @@ pub fn build_tools(
         };
         if wanted.is_empty() || rounds > MAX_ROUNDS {
             let u = &c.unresolved[0];
-            return Err(Error::Tools(format!(
-                "{} (needed by {} from package {}) is in none of the packages downloaded, nor in \
-                 the dependencies of {}",
-                u.name,
-                u.needed_by,
-                order[u.tree],
-                owners.into_iter().collect::<Vec<_>>().join(", ")
-            )));
+            return Err(Error::LibraryNotFound {
+                soname: u.name.clone(),
+                needed_by: u.needed_by.clone(),
+                package: order[u.tree].clone(),
+                owners: owners.into_iter().collect::<Vec<_>>().join(", "),
+            });
         }
         progress(&format!(
             "{} libraries missing ({}...): fetching {}",
