@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{Netns, netns_available};
 use common::qemu_tcg::{TcgBoot, TcgRun, tcg_guest};
-use common::vhost_user_backend::{BlkBackend, ImageFormat, NetBackend};
+use common::vhost_user_backend::{BlkBackend, ImageFormat, NetBackend, RngBackend};
 
 /// A TCG boot takes seconds to /init; fio and mkfs run emulated too.
 const LIMIT: Duration = Duration::from_secs(300);
@@ -374,5 +374,41 @@ fn net_guest_pings_and_runs_iperf3() {
             backend.name(),
             started.elapsed()
         );
+    }
+}
+
+/// Linux's hw_random core picks the virtio-rng device and reads entropy from it: two reads
+/// differ and have the length asked for.
+#[test]
+fn rng_feeds_linux_hwrng() {
+    let Some(guest) = tcg_guest() else { return };
+    for &backend in RngBackend::ALL {
+        let script = "set -e\n\
+                      echo RNG-CURRENT=$(cat /sys/class/misc/hw_random/rng_current)\n\
+                      echo RNG-BYTES=$(dd if=/dev/hwrng bs=1024 count=16 2>/dev/null | wc -c)\n\
+                      echo RNG-A=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | sha256sum | cut -c1-64)\n\
+                      echo RNG-B=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | sha256sum | cut -c1-64)\n";
+        let (process, device_args) = backend.attach();
+        let run = TcgBoot {
+            guest: &guest,
+            script,
+            device_args,
+            limit: LIMIT,
+            netns: None,
+        }
+        .run();
+        drop(process);
+        run.assert_ok();
+        assert!(
+            run.value("RNG-CURRENT")
+                .is_some_and(|c| c.starts_with("virtio_rng")),
+            "{}: {}",
+            backend.name(),
+            run.describe()
+        );
+        assert_eq!(run.value("RNG-BYTES"), Some("16384"), "{}", run.describe());
+        let (a, b) = (run.value("RNG-A"), run.value("RNG-B"));
+        assert!(a.is_some_and(|a| a.len() == 64), "{}", run.describe());
+        assert_ne!(a, b, "{}", run.describe());
     }
 }

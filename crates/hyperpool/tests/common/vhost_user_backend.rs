@@ -196,3 +196,36 @@ impl NetBackend {
         }
     }
 }
+
+/// Who serves the guest's virtio-rng.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RngBackend {
+    /// QEMU's built-in virtio-rng on the host's /dev/urandom: the reference the vhost-user-rng
+    /// backends are held to.
+    QemuBuiltin,
+}
+
+impl RngBackend {
+    pub const ALL: &'static [RngBackend] = &[RngBackend::QemuBuiltin];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::QemuBuiltin => "qemu-virtio-rng",
+        }
+    }
+
+    /// QEMU arguments for the device, and the backend process if the backend is one.
+    pub fn attach(self) -> (Option<BackendProcess>, Vec<String>) {
+        match self {
+            Self::QemuBuiltin => (
+                None,
+                vec![
+                    "-object".into(),
+                    "rng-random,id=rng0,filename=/dev/urandom".into(),
+                    "-device".into(),
+                    "virtio-rng-pci,rng=rng0".into(),
+                ],
+            ),
+        }
+    }
+}
