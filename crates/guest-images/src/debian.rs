@@ -317,7 +317,7 @@ pub(crate) fn tmp_path(p: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     let tmp = tmp_path(path);
     std::fs::write(&tmp, data).map_err(io("writing", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("renaming", &tmp))
