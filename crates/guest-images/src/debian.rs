@@ -3,13 +3,16 @@
 //! Uses the host's `apt-cache`, `apt-get download` and `dpkg -x` (so it needs a Debian
 //! host with package lists), never installs anything into the host system.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::bzimage::{self, BzImageError, Compression};
 use crate::cpio::CpioError;
+use crate::elf_closure::ClosureError;
 use crate::initramfs::{self, InitramfsSpec, ModuleFile};
 use crate::modules::{ModuleError, ModuleTree};
+use crate::tools::{self, ToolsArchive};
 
 /// Metapackage that tracks the current Debian cloud kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
@@ -44,6 +47,8 @@ pub struct DebianGuest {
     pub vmlinux: PathBuf,
     /// `initramfs.cpio.gz`.
     pub initramfs: PathBuf,
+    /// `tools.cpio.gz`: fio, iperf3, mkfs.ext4 and their libraries, to append to `initramfs`.
+    pub tools: ToolsArchive,
     /// `uname -r` of the kernel, e.g. `6.1.0-56-cloud-amd64`.
     pub kernel_version: String,
     /// Compression the bzImage payload used.
@@ -106,6 +111,18 @@ pub enum Error {
     Modules(#[from] ModuleError),
     #[error("writing initramfs: {0}")]
     Cpio(#[from] CpioError),
+    #[error("guest tools: {0}")]
+    ElfClosure(#[from] ClosureError),
+    #[error(
+        "guest tools: {soname} (needed by {needed_by} from package {package}) is in none of the \
+         packages downloaded, nor in the dependencies of {owners}"
+    )]
+    LibraryNotFound {
+        soname: String,
+        needed_by: String,
+        package: String,
+        owners: String,
+    },
 }
 
 impl Error {
@@ -119,7 +136,7 @@ impl Error {
     }
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_owned();
     move |source| Error::Io { what, path, source }
 }
@@ -130,7 +147,7 @@ pub fn build_debian(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<Debian
 }
 
 /// Builds a guest into `dir`:
-/// `vmlinuz`, `vmlinux`, `initramfs.cpio.gz` and `KERNEL_VERSION`.
+/// `vmlinuz`, `vmlinux`, `initramfs.cpio.gz`, `tools.cpio.gz` and `KERNEL_VERSION`.
 pub fn build_debian_with(
     dir: &Path,
     opts: &DebianOptions,
@@ -264,6 +281,9 @@ pub fn build_debian_with(
     file.sync_all().map_err(io("writing", &tmp))?;
     std::fs::rename(&tmp, &initramfs_path).map_err(io("renaming", &tmp))?;
 
+    // 6. Tools, a second archive.
+    let tools = tools::build_tools(dir, &cache, &staging, progress)?;
+
     write_atomic(
         &dir.join("KERNEL_VERSION"),
         format!("{kernel_version}\n").as_bytes(),
@@ -275,6 +295,7 @@ pub fn build_debian_with(
         vmlinuz,
         vmlinux,
         initramfs: initramfs_path,
+        tools,
         kernel_version,
         compression: vml.compression,
         pvh_entry: vml.pvh_entry,
@@ -283,14 +304,14 @@ pub fn build_debian_with(
     })
 }
 
-fn file_name(p: &Path) -> String {
+pub(crate) fn file_name(p: &Path) -> String {
     p.file_name().map_or_else(
         || p.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     )
 }
 
-fn tmp_path(p: &Path) -> PathBuf {
+pub(crate) fn tmp_path(p: &Path) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(".tmp");
     PathBuf::from(s)
@@ -303,7 +324,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
 }
 
 /// Runs a command with a C locale; returns stdout, or the exit status and stderr.
-fn run(cmd: &mut Command) -> Result<Result<String, (String, String)>, Error> {
+pub(crate) fn run(cmd: &mut Command) -> Result<Result<String, (String, String)>, Error> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let out = cmd.env("LC_ALL", "C").output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -402,11 +423,52 @@ fn resolve_kernel_package(cache: &Path) -> Result<String, Error> {
 }
 
 /// Returns the path of `pkg`'s candidate `.deb` in `cache`, downloading it if needed.
-fn ensure_deb(cache: &Path, pkg: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, Error> {
+pub(crate) fn ensure_deb(
+    cache: &Path,
+    pkg: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, Error> {
     let candidate = match run(Command::new("apt-cache").args(["policy", pkg]))? {
         Ok(out) => parse_candidate(&out),
         Err(_) => None,
     };
+    ensure_deb_version(cache, pkg, candidate, progress)
+}
+
+/// The candidate versions of several packages from one `apt-cache policy` (each run loads
+/// apt's whole cache, about a second); packages apt does not know are absent.
+pub(crate) fn candidates(pkgs: &[String]) -> Result<BTreeMap<String, String>, Error> {
+    Ok(
+        match run(Command::new("apt-cache").arg("policy").args(pkgs))? {
+            Ok(out) => parse_candidates(&out),
+            Err(_) => BTreeMap::new(),
+        },
+    )
+}
+
+/// `Candidate:` of each package in a multi-package `apt-cache policy` output.
+pub fn parse_candidates(policy: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut pkg: Option<&str> = None;
+    for line in policy.lines() {
+        if !line.starts_with(' ') {
+            pkg = line.strip_suffix(':');
+        } else if let Some(p) = pkg
+            && let Some(v) = parse_candidate(line)
+        {
+            out.insert(p.to_owned(), v);
+        }
+    }
+    out
+}
+
+/// Like [`ensure_deb`] with the candidate version already known (`None`: apt has none).
+pub(crate) fn ensure_deb_version(
+    cache: &Path,
+    pkg: &str,
+    candidate: Option<String>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, Error> {
     let Some(version) = candidate else {
         // No lists (or unknown package): an already downloaded .deb will do.
         let any = format!("{pkg}_");
@@ -475,7 +537,7 @@ fn ensure_deb(cache: &Path, pkg: &str, progress: &mut dyn FnMut(&str)) -> Result
     outcome
 }
 
-fn dpkg_extract(deb: &Path, dest: &Path) -> Result<(), Error> {
+pub(crate) fn dpkg_extract(deb: &Path, dest: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dest).map_err(io("creating", dest))?;
     match run(Command::new("dpkg").arg("-x").arg(deb).arg(dest))? {
         Ok(_) => Ok(()),
@@ -519,6 +581,14 @@ mod tests {
         );
         assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
         assert_eq!(parse_candidate(""), None);
+        let many = "libc6:\n  Installed: 2.36-9\n  Candidate: 2.36-9+deb12u14\n  Version table:\n \
+                    *** 2.36-9 500\n        500 http://x bookworm/main amd64 Packages\n\
+                    zlib1g:\n  Installed: (none)\n  Candidate: 1:1.2.13.dfsg-1\n\
+                    gone:\n  Installed: (none)\n  Candidate: (none)\n";
+        let c = parse_candidates(many);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c["libc6"], "2.36-9+deb12u14");
+        assert_eq!(c["zlib1g"], "1:1.2.13.dfsg-1");
         assert_eq!(
             deb_prefix("busybox-static", "1:1.35.0-4"),
             "busybox-static_1%3a1.35.0-4_"

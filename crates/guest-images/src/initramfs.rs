@@ -81,9 +81,13 @@ case "$cmdline" in
 	;;
 esac
 
+# A test's script comes as /test.sh in an archive appended to the initramfs.
 if [ -n "$hp_run" ]; then
 	sh -c "$hp_run"
 	echo "HYPERPOOL-INIT: hp.run exited with status $?"
+elif [ -f /test.sh ]; then
+	sh /test.sh
+	echo "HYPERPOOL-INIT: /test.sh exited with status $?"
 else
 	setsid cttyhack sh
 fi
@@ -184,6 +188,8 @@ mod tests {
         assert!(s.find("mount -t devtmpfs").unwrap() < a);
         assert!(a < b && b < marker);
         assert!(s.contains("poweroff -f"));
+        let test_sh = s.find("sh /test.sh").unwrap();
+        assert!(marker < test_sh && test_sh < s.find("poweroff -f").unwrap());
     }
 
     /// Runs the cmdline-parsing part of /init under the host's sh, when present.

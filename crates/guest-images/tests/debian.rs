@@ -91,6 +91,40 @@ fn builds_debian_guest() {
         guest.kernel_version, guest.compression, guest.modules, guest.builtin_modules
     );
 
+    // The tools archive: the programs, the loader they name, and only packages that gave files.
+    let mut tools_bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&guest.tools.path).unwrap())
+        .read_to_end(&mut tools_bytes)
+        .unwrap();
+    let tools_listing = cpio_list(&tools_bytes).expect("cpio(1) listed the initramfs already");
+    let tool_names: Vec<&str> = tools_listing.lines().collect();
+    for want in [
+        "usr/bin/fio",
+        "usr/bin/iperf3",
+        "sbin/mke2fs",
+        "sbin/mkfs.ext4",
+        "etc/mke2fs.conf",
+        "lib64/ld-linux-x86-64.so.2",
+    ] {
+        assert!(tool_names.contains(&want), "tools archive lacks {want}");
+    }
+    for pkg in ["fio", "iperf3", "e2fsprogs", "libc6"] {
+        assert!(
+            guest.tools.packages.iter().any(|p| p == pkg),
+            "{pkg} not among {:?}",
+            guest.tools.packages
+        );
+    }
+    assert!(guest.tools.packages_fetched >= guest.tools.packages.len());
+    assert!(guest.tools.files > 3 && guest.tools.file_bytes > 1 << 20);
+    eprintln!(
+        "tools: {} files, {} MiB from {} packages ({} fetched)",
+        guest.tools.files,
+        guest.tools.file_bytes >> 20,
+        guest.tools.packages.len(),
+        guest.tools.packages_fetched
+    );
+
     boot_under_qemu(&guest);
 }
 

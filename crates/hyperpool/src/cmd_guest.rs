@@ -32,6 +32,12 @@ pub fn run(cmd: GuestCommand) -> Result<u8, Failure> {
             println!("kernel (bzImage): {}", guest.vmlinuz.display());
             println!("kernel (vmlinux, PVH): {}", guest.vmlinux.display());
             println!("initramfs: {}", guest.initramfs.display());
+            println!(
+                "tools (fio, iperf3, mkfs.ext4; append to the initramfs): {} ({} packages, {} MiB unpacked)",
+                guest.tools.path.display(),
+                guest.tools.packages.len(),
+                guest.tools.file_bytes >> 20
+            );
             println!("kernel version: {}", guest.kernel_version);
             println!(
                 "boot it: hyperpool run --kernel {} --initramfs {} --cmdline 'console=ttyS0'",

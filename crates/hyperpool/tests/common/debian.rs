@@ -18,7 +18,7 @@ fn build() -> Option<PathBuf> {
     let dir = std::env::var_os("HYPERPOOL_DEBIAN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("debian-guest"));
-    let complete = ["vmlinux", "vmlinuz", "initramfs.cpio.gz"]
+    let complete = ["vmlinux", "vmlinuz", "initramfs.cpio.gz", "tools.cpio.gz"]
         .iter()
         .all(|f| dir.join(f).exists());
     if !complete {

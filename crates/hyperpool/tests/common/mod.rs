@@ -3,6 +3,8 @@
 
 pub mod debian;
 pub mod netns;
+pub mod qemu_tcg;
+pub mod vhost_user_backend;
 pub mod vmm;
 
 use std::io::{BufRead, BufReader, Read};
