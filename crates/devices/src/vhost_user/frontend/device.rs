@@ -1,0 +1,268 @@
+//! [`VhostUserDevice`]: a virtio device whose queues another process serves. The VMM keeps the
+//! transport (feature negotiation, status, queue registers, MSI-X) and the configuration space
+//! the backend gave it at connection time; on `DRIVER_OK` it hands the backend the rings.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::link::{Link, Ring};
+use super::relay::Relay;
+use super::spec::Spec;
+use crate::virtio::counters::Counter;
+use crate::virtio::{
+    ActivateError, ActivatedQueue, CounterSet, DeviceInterrupt, GuestMemoryHandle, MAX_QUEUE_SIZE,
+    VirtioDevice,
+};
+
+/// What the frontend did for a device (the I/O itself is the backend's to count).
+#[derive(Debug, Default)]
+pub struct VhostUserCounters {
+    /// Interrupts relayed from the backend to the guest.
+    pub interrupts: Counter,
+    /// Times the backend hung up.
+    pub disconnects: Counter,
+    /// Times a backend was connected again and given the running rings.
+    pub reconnects: Counter,
+    /// Whether a backend is connected now.
+    pub connected: AtomicBool,
+}
+
+impl CounterSet for VhostUserCounters {
+    fn snapshot(&self) -> BTreeMap<String, u64> {
+        [
+            ("interrupts", self.interrupts.get()),
+            ("disconnects", self.disconnects.get()),
+            ("reconnects", self.reconnects.get()),
+            (
+                "connected",
+                u64::from(self.connected.load(Ordering::SeqCst)),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+/// What the device and its relay thread share.
+pub(super) struct Shared {
+    pub spec: Spec,
+    /// For the log: `blk` or `net` and the socket.
+    pub name: String,
+    /// `None` while the backend is gone.
+    link: Mutex<Option<Link>>,
+    pub counters: Arc<VhostUserCounters>,
+}
+
+impl Shared {
+    pub fn lock_link(&self) -> MutexGuard<'_, Option<Link>> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One activation: the rings the backend serves and what reaches the guest.
+pub(super) struct Session {
+    pub rings: Vec<Ring>,
+    pub acked: u64,
+    pub mem: GuestMemoryHandle,
+    pub interrupt: DeviceInterrupt,
+}
+
+/// A virtio device served by a vhost-user backend.
+pub struct VhostUserDevice {
+    shared: Arc<Shared>,
+    queue_sizes: Vec<u16>,
+    offered: u64,
+    config: Vec<u8>,
+    active: Option<(Relay, Arc<Session>)>,
+}
+
+impl VhostUserDevice {
+    /// Connects to the backend and learns what it serves; the error is one line.
+    pub fn connect(spec: Spec) -> Result<Self, String> {
+        if spec.num_queues == 0
+            || !spec.queue_size.is_power_of_two()
+            || spec.queue_size > MAX_QUEUE_SIZE
+        {
+            return Err(format!(
+                "vhost-user: queue_size={} is not a power of two up to {MAX_QUEUE_SIZE}",
+                spec.queue_size
+            ));
+        }
+        let link = Link::connect(&spec)?;
+        let offered = spec.offered_features(link.backend_features);
+        let config = spec
+            .guest_config(link.config.as_deref(), offered)
+            .map_err(|e| format!("vhost-user backend at {}: {e}", spec.socket.display()))?;
+        let counters = Arc::new(VhostUserCounters::default());
+        counters.connected.store(true, Ordering::SeqCst);
+        let name = match spec.kind {
+            super::Kind::Block => "blk",
+            super::Kind::Net { .. } => "net",
+        };
+        tracing::info!(
+            "vhost-user {name}: backend at {} ({} queues of {}, features {offered:#x})",
+            spec.socket.display(),
+            spec.num_queues,
+            spec.queue_size,
+        );
+        Ok(Self {
+            queue_sizes: vec![spec.queue_size; usize::from(spec.num_queues)],
+            shared: Arc::new(Shared {
+                name: name.to_owned(),
+                spec,
+                link: Mutex::new(Some(link)),
+                counters,
+            }),
+            offered,
+            config,
+            active: None,
+        })
+    }
+
+    pub fn counters(&self) -> Arc<VhostUserCounters> {
+        self.shared.counters.clone()
+    }
+
+    fn start(
+        &mut self,
+        mem: GuestMemoryHandle,
+        features: u64,
+        queues: Vec<ActivatedQueue>,
+        interrupt: DeviceInterrupt,
+    ) -> Result<(), String> {
+        let bases: Vec<u16> = queues.iter().map(|q| q.queue.next_avail()).collect();
+        let rings = queues
+            .into_iter()
+            .map(|q| {
+                Ok(Ring {
+                    index: q.index,
+                    size: q.queue.size(),
+                    desc: q.queue.desc_table(),
+                    avail: q.queue.avail_ring(),
+                    used: q.queue.used_ring(),
+                    kick: q.event,
+                    call: EventFd::new(libc::EFD_NONBLOCK)
+                        .map_err(|e| format!("call eventfd: {e}"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let session = Arc::new(Session {
+            rings,
+            acked: features,
+            mem,
+            interrupt,
+        });
+        {
+            let mut link = self.shared.lock_link();
+            if link.is_none() {
+                // The backend died before; a driver reset is the moment to try it again.
+                *link = Some(Link::connect(&self.shared.spec)?);
+                self.shared.counters.connected.store(true, Ordering::SeqCst);
+                self.shared.counters.reconnects.inc();
+            }
+            let Some(l) = link.as_mut() else {
+                return Err("the backend is not connected".into());
+            };
+            l.start(
+                &session.mem.memory(),
+                features,
+                self.shared.spec.queue_size,
+                &session.rings,
+                &bases,
+            )?;
+        }
+        let relay = Relay::spawn(self.shared.clone(), session.clone())
+            .map_err(|e| format!("cannot start the relay thread: {e}"))?;
+        self.active = Some((relay, session));
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.shared.spec.device_type()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.offered
+    }
+
+    fn config_size(&self) -> usize {
+        self.config.len()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match self.config.get(start..).and_then(|c| c.get(..data.len())) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let Some(dst) = self
+            .config
+            .get_mut(start..)
+            .and_then(|c| c.get_mut(..data.len()))
+        else {
+            return;
+        };
+        dst.copy_from_slice(data);
+        let mut link = self.shared.lock_link();
+        if let Some(l) = link
+            .as_mut()
+            .filter(|l| l.has(vhost::vhost_user::VhostUserProtocolFeatures::CONFIG))
+        {
+            if let Err(e) = l.set_config(start as u32, data) {
+                tracing::warn!("vhost-user {}: {e}", self.shared.name);
+            }
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryHandle,
+        features: u64,
+        queues: Vec<ActivatedQueue>,
+        interrupt: DeviceInterrupt,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        if queues.is_empty() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                got: 0,
+            });
+        }
+        self.start(mem, features, queues, interrupt)
+            .map_err(|e| ActivateError::Other(format!("vhost-user {}: {e}", self.shared.name)))
+    }
+
+    fn reset(&mut self) {
+        let Some((relay, session)) = self.active.take() else {
+            return;
+        };
+        drop(relay);
+        let mut link = self.shared.lock_link();
+        if let Some(l) = link.as_mut() {
+            if let Err(e) = l.stop(&session.rings) {
+                tracing::warn!(
+                    "vhost-user {}: stopping the rings: {e}; dropping the connection",
+                    self.shared.name
+                );
+                link.take();
+                self.shared.counters.connected.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+}
