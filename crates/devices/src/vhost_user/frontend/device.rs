@@ -261,7 +261,10 @@ impl VirtioDevice for VhostUserDevice {
                     self.shared.name
                 );
                 link.take();
-                self.shared.counters.connected.store(false, Ordering::SeqCst);
+                self.shared
+                    .counters
+                    .connected
+                    .store(false, Ordering::SeqCst);
             }
         }
     }

@@ -136,7 +136,12 @@ impl Link {
         let config = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             let len = spec.config_len() as u32;
             let (_, payload) = frontend
-                .get_config(0, len, VhostUserConfigFlags::empty(), &vec![0u8; len as usize])
+                .get_config(
+                    0,
+                    len,
+                    VhostUserConfigFlags::empty(),
+                    &vec![0u8; len as usize],
+                )
                 .map_err(err("GET_CONFIG"))?;
             Some(payload)
         } else {
@@ -217,7 +222,10 @@ impl Link {
             f.get_vring_base(ring.index)
                 .map_err(err("GET_VRING_BASE"))?;
         }
-        if self.protocol.contains(VhostUserProtocolFeatures::RESET_DEVICE) {
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::RESET_DEVICE)
+        {
             f.reset_device().map_err(err("RESET_DEVICE"))?;
         } else if self.backend_features & PROTOCOL_FEATURES != 0 {
             for ring in rings {

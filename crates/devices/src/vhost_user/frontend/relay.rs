@@ -156,7 +156,10 @@ impl Thread {
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         self.shared.lock_link().take();
-        self.shared.counters.connected.store(false, Ordering::SeqCst);
+        self.shared
+            .counters
+            .connected
+            .store(false, Ordering::SeqCst);
         self.shared.counters.disconnects.inc();
         tracing::warn!(
             "vhost-user {} ({}): {why}; the device needs a reset, reconnecting in the background",
@@ -178,7 +181,9 @@ impl Thread {
             .iter()
             .map(|r| r.used_idx(&mem))
             .collect::<Result<Vec<_>, _>>()
-            .and_then(|bases| link.start(&mem, s.acked, self.shared.spec.queue_size, &s.rings, &bases));
+            .and_then(|bases| {
+                link.start(&mem, s.acked, self.shared.spec.queue_size, &s.rings, &bases)
+            });
         if let Err(e) = started {
             tracing::warn!("vhost-user {}: reconnecting: {e}", self.shared.name);
             return;
