@@ -11,9 +11,10 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::link::{Link, Ring};
-use super::relay::Relay;
 use super::spec::Spec;
+use super::watch::Watcher;
 use crate::virtio::counters::Counter;
+use crate::virtio::worker::QueueWorker;
 use crate::virtio::{
     ActivateError, ActivatedQueue, CounterSet, DeviceInterrupt, GuestMemoryHandle, MAX_QUEUE_SIZE,
     VirtioDevice,
@@ -49,19 +50,32 @@ impl CounterSet for VhostUserCounters {
     }
 }
 
-/// What the device and its relay thread share.
+/// What the device and its watcher thread share.
 pub(super) struct Shared {
     pub spec: Spec,
-    /// For the log: `blk` or `net` and the socket.
+    /// For the log: `blk` or `net`.
     pub name: String,
-    /// `None` while the backend is gone.
+    /// `None` while the backend is gone. Locked before `session`.
     link: Mutex<Option<Link>>,
+    /// What the driver has running, if it does.
+    session: Mutex<Option<Arc<Session>>>,
     pub counters: Arc<VhostUserCounters>,
 }
 
 impl Shared {
     pub fn lock_link(&self) -> MutexGuard<'_, Option<Link>> {
         self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn session(&self) -> Option<Arc<Session>> {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_session(&self, session: Option<Arc<Session>>) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = session;
     }
 }
 
@@ -75,11 +89,13 @@ pub(super) struct Session {
 
 /// A virtio device served by a vhost-user backend.
 pub struct VhostUserDevice {
+    /// The relay of the running session (stopped first on reset).
+    relay: Option<QueueWorker>,
+    _watcher: Watcher,
     shared: Arc<Shared>,
     queue_sizes: Vec<u16>,
     offered: u64,
     config: Vec<u8>,
-    active: Option<(Relay, Arc<Session>)>,
 }
 
 impl VhostUserDevice {
@@ -111,17 +127,23 @@ impl VhostUserDevice {
             spec.num_queues,
             spec.queue_size,
         );
+        let queue_sizes = vec![spec.queue_size; usize::from(spec.num_queues)];
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            spec,
+            link: Mutex::new(Some(link)),
+            session: Mutex::new(None),
+            counters,
+        });
+        let watcher = Watcher::spawn(shared.clone())
+            .map_err(|e| format!("vhost-user: cannot start the socket watcher: {e}"))?;
         Ok(Self {
-            queue_sizes: vec![spec.queue_size; usize::from(spec.num_queues)],
-            shared: Arc::new(Shared {
-                name: name.to_owned(),
-                spec,
-                link: Mutex::new(Some(link)),
-                counters,
-            }),
+            relay: None,
+            _watcher: watcher,
+            shared,
+            queue_sizes,
             offered,
             config,
-            active: None,
         })
     }
 
@@ -160,26 +182,27 @@ impl VhostUserDevice {
         });
         {
             let mut link = self.shared.lock_link();
-            if link.is_none() {
-                // The backend died before; a driver reset is the moment to try it again.
-                *link = Some(Link::connect(&self.shared.spec)?);
-                self.shared.counters.connected.store(true, Ordering::SeqCst);
-                self.shared.counters.reconnects.inc();
+            match link.as_mut() {
+                Some(l) => l.start(
+                    &session.mem.memory(),
+                    features,
+                    self.shared.spec.queue_size,
+                    &session.rings,
+                    &bases,
+                )?,
+                // The watcher starts the rings when a backend is back (at the used index,
+                // which for fresh rings is where the driver starts).
+                None => tracing::warn!(
+                    "vhost-user {}: the backend is not connected; the device waits for it",
+                    self.shared.name
+                ),
             }
-            let Some(l) = link.as_mut() else {
-                return Err("the backend is not connected".into());
-            };
-            l.start(
-                &session.mem.memory(),
-                features,
-                self.shared.spec.queue_size,
-                &session.rings,
-                &bases,
-            )?;
+            self.shared.set_session(Some(session.clone()));
         }
-        let relay = Relay::spawn(self.shared.clone(), session.clone())
-            .map_err(|e| format!("cannot start the relay thread: {e}"))?;
-        self.active = Some((relay, session));
+        self.relay = Some(
+            super::relay::spawn(&self.shared.name, &session, self.shared.counters.clone())
+                .map_err(|e| format!("cannot start the relay thread: {e}"))?,
+        );
         Ok(())
     }
 }
@@ -249,22 +272,20 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn reset(&mut self) {
-        let Some((relay, session)) = self.active.take() else {
+        let Some(relay) = self.relay.take() else {
             return;
         };
-        drop(relay);
+        relay.stop();
         let mut link = self.shared.lock_link();
+        let Some(session) = self.shared.session() else {
+            return;
+        };
+        self.shared.set_session(None);
         if let Some(l) = link.as_mut() {
+            // A backend that cannot stop its rings is dead or broken: the watcher sees a
+            // hang-up, and a live one gets a fresh start at the next activation.
             if let Err(e) = l.stop(&session.rings) {
-                tracing::warn!(
-                    "vhost-user {}: stopping the rings: {e}; dropping the connection",
-                    self.shared.name
-                );
-                link.take();
-                self.shared
-                    .counters
-                    .connected
-                    .store(false, Ordering::SeqCst);
+                tracing::warn!("vhost-user {}: stopping the rings: {e}", self.shared.name);
             }
         }
     }

@@ -5,14 +5,15 @@
 //!   (features the guest sees, the configuration space it reads).
 //! - [`link`]: one connection to the backend, its negotiation and the ring hand-over
 //!   (`vhost` crate's `Frontend`), and guest memory as a vhost-user memory table.
-//! - `relay`: the device's thread: backend interrupts to the guest, the backend's death,
-//!   reconnection.
+//! - `relay`: an active device's thread, backend interrupts to the guest.
+//! - `watch`: the device's socket watcher: the backend's death, and reconnection.
 //! - [`device`]: [`VhostUserDevice`], the [`crate::virtio::VirtioDevice`] on top.
 
 pub mod device;
 pub mod link;
 mod relay;
 pub mod spec;
+mod watch;
 
 pub use device::{VhostUserCounters, VhostUserDevice};
 pub use link::memory_regions;

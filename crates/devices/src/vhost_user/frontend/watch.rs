@@ -1,0 +1,179 @@
+//! The thread that watches a vhost-user device's socket for the whole life of the device: when
+//! the backend hangs up (dies), the connection is dropped, the log says so once, and an active
+//! device is marked `DEVICE_NEEDS_RESET`; the VM runs on. The thread then tries the socket again
+//! every [`RECONNECT_EVERY`] and, once a backend answers, hands it the whole state again if the
+//! driver has the device running: features, memory table, and each ring resuming at the used
+//! index in guest memory (requests in flight when the old backend died are served again).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::Shared;
+use super::link::Link;
+
+const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+const KILL: u64 = 0;
+const SOCKET: u64 = 1;
+
+/// The running watcher; dropping it stops and joins the thread.
+pub(super) struct Watcher {
+    kill: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+struct Thread {
+    shared: Arc<Shared>,
+    epoll: Epoll,
+    /// The socket registered with epoll (none while disconnected).
+    watched: Option<i32>,
+}
+
+impl Watcher {
+    pub(super) fn spawn(shared: Arc<Shared>) -> io::Result<Self> {
+        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, KILL),
+        )?;
+        let mut thread = Thread {
+            shared,
+            epoll,
+            watched: None,
+        };
+        let socket = thread.shared.lock_link().as_ref().map(Link::socket_fd);
+        if let Some(fd) = socket {
+            thread.watch(fd)?;
+        }
+        let name = format!("vhost-user-{}-watch", thread.shared.name);
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || thread.run())?;
+        Ok(Self {
+            kill,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = self.kill.write(1);
+            if handle.join().is_err() {
+                tracing::error!("vhost-user watcher thread panicked");
+            }
+        }
+    }
+}
+
+impl Thread {
+    fn watch(&mut self, fd: i32) -> io::Result<()> {
+        // Only the hang-up: the backend's replies make the socket readable too, and they
+        // belong to whoever sent the request.
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::READ_HANG_UP | EventSet::HANG_UP, SOCKET),
+        )?;
+        self.watched = Some(fd);
+        Ok(())
+    }
+
+    fn run(mut self) {
+        let mut ready = [EpollEvent::default(); 2];
+        loop {
+            let timeout = match self.watched {
+                Some(_) => -1,
+                None => RECONNECT_EVERY.as_millis() as i32,
+            };
+            let n = match self.epoll.wait(timeout, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("vhost-user {}: epoll_wait: {e}", self.shared.name);
+                    return;
+                }
+            };
+            if n == 0 {
+                self.reconnect();
+            }
+            for ev in &ready[..n] {
+                match ev.data() {
+                    KILL => return,
+                    _ => self.lost(),
+                }
+            }
+        }
+    }
+
+    /// The backend is gone: forget the connection, and tell the driver if it uses the device.
+    fn lost(&mut self) {
+        let mut link = self.shared.lock_link();
+        if let Some(fd) = self.watched.take() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        link.take();
+        self.shared
+            .counters
+            .connected
+            .store(false, Ordering::SeqCst);
+        self.shared.counters.disconnects.inc();
+        let why = "the backend hung up";
+        tracing::warn!(
+            "vhost-user {} ({}): {why}; reconnecting in the background",
+            self.shared.name,
+            self.shared.spec.socket.display()
+        );
+        if let Some(session) = self.shared.session() {
+            session.interrupt.set_needs_reset(&why);
+        }
+    }
+
+    /// Tries the socket once; on success the backend gets the running rings.
+    fn reconnect(&mut self) {
+        let Ok(mut new) = Link::connect(&self.shared.spec) else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let mut link = shared.lock_link();
+        if let Some(s) = shared.session() {
+            let mem = s.mem.memory();
+            let started = s
+                .rings
+                .iter()
+                .map(|r| r.used_idx(&mem))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|bases| {
+                    new.start(&mem, s.acked, self.shared.spec.queue_size, &s.rings, &bases)
+                });
+            if let Err(e) = started {
+                tracing::warn!("vhost-user {}: reconnecting: {e}", self.shared.name);
+                return;
+            }
+        }
+        if let Err(e) = self.watch(new.socket_fd()) {
+            tracing::warn!("vhost-user {}: watching the socket: {e}", self.shared.name);
+            return;
+        }
+        *link = Some(new);
+        self.shared.counters.connected.store(true, Ordering::SeqCst);
+        self.shared.counters.reconnects.inc();
+        tracing::info!(
+            "vhost-user {} ({}): reconnected; rings resumed",
+            self.shared.name,
+            self.shared.spec.socket.display()
+        );
+    }
+}
