@@ -377,7 +377,7 @@ mod tests {
     #[test]
     fn non_default_unimplemented_fields_are_refused_by_name() {
         let cases = [
-            ("/disks/0/vhost_user", json!(true), "disks[0].vhost_user"),
+            ("/disks/0/queue_size", json!(64), "disks[0].queue_size"),
             ("/net/0/ip", json!("10.0.0.1"), "net[0].ip"),
             ("/memory/hugepages", json!(true), "memory.hugepages"),
             ("/cpus/topology", json!({"packages": 2}), "cpus.topology"),

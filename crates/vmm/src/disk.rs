@@ -94,10 +94,12 @@ mod tests {
                 .len(),
             2
         );
-        let e = open_all(&[disk(&img, Some("a")), disk(&img, Some("a"))]).unwrap_err();
+        let e = open_all(&[disk(&img, Some("a")), disk(&img, Some("a"))])
+            .err()
+            .unwrap();
         assert!(e.is_user_error() && e.to_string().contains("id 'a'"), "{e}");
         let missing = img.with_extension("missing");
-        let e = open_all(&[disk(&missing, None)]).unwrap_err();
+        let e = open_all(&[disk(&missing, None)]).err().unwrap();
         assert!(e.is_user_error(), "{e}");
         assert!(
             e.to_string().contains(&missing.display().to_string()),
@@ -112,7 +114,7 @@ mod tests {
         let mut bytes = b"QFI\xfb\0\0\0\x03".to_vec();
         bytes.resize(4096, 0);
         std::fs::write(&img, &bytes).unwrap();
-        let e = open_all(&[disk(&img, None)]).unwrap_err();
+        let e = open_all(&[disk(&img, None)]).err().unwrap();
         assert!(e.is_user_error(), "{e}");
         assert!(e.to_string().contains("qcow2 image"), "{e}");
         assert!(e.to_string().contains("corrupt header"), "{e}");
