@@ -283,6 +283,41 @@ fn backend_killed_while_the_vm_runs() {
     }
 }
 
+/// A VM started with shared memory takes a vhost-user disk by hotplug; the backend is
+/// connected when the request answers.
+fn hot_add(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 0);
+    let socket = dir.path().join("blk.sock");
+    let _b = Running::start(backend, &img, &socket, true);
+    let vmm = common::vmm::Vmm::start(dir.path());
+    let mut cfg = probe_config(dir.path(), "probe=cmdline probe.end=halt");
+    cfg["memory"]["shared"] = json!(true);
+    vmm.ok("vm.create", Some(cfg));
+    vmm.ok("vm.boot", None);
+    wait_log(&dir.path().join("console.log"), "PROBE done", 1);
+    let r = vmm.put(
+        "vm.add-disk",
+        Some(json!({"vhost_user": true, "vhost_socket": socket, "id": "vu0"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let c = get(&vmm.api, "vm.counters");
+    assert_eq!(c["disk0"]["connected"], json!(1), "{c}");
+    let info = get(&vmm.api, "vm.info");
+    assert_eq!(
+        info["config"]["disks"][0]["vhost_socket"],
+        json!(socket),
+        "{info}"
+    );
+}
+
+#[test]
+fn vhost_user_disk_by_hotplug() {
+    if kvm_available() && qsd_available() {
+        hot_add(qemu_storage_daemon);
+    }
+}
+
 /// The backend dies in the middle of the probe's write benchmark and a new one takes the socket:
 /// the rings resume at the used index, every block the benchmark reads back is right, and the
 /// device tells the driver it needs a reset.
