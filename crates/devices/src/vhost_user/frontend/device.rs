@@ -199,11 +199,16 @@ impl VhostUserDevice {
             }
             self.shared.set_session(Some(session.clone()));
         }
-        self.relay = Some(
-            super::relay::spawn(&self.shared.name, &session, self.shared.counters.clone())
-                .map_err(|e| format!("cannot start the relay thread: {e}"))?,
-        );
-        Ok(())
+        match super::relay::spawn(&self.shared.name, &session, self.shared.counters.clone()) {
+            Ok(relay) => {
+                self.relay = Some(relay);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.set_session(None);
+                Err(format!("cannot start the relay thread: {e}"))
+            }
+        }
     }
 }
 
