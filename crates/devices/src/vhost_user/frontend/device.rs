@@ -10,7 +10,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::link::{Link, Ring};
+use super::link::{Inflight, Link, Ring};
 use super::spec::Spec;
 use super::watch::Watcher;
 use crate::virtio::counters::Counter;
@@ -85,6 +85,16 @@ pub(super) struct Session {
     pub acked: u64,
     pub mem: GuestMemoryHandle,
     pub interrupt: DeviceInterrupt,
+    /// The backend's in-flight record for these rings, handed to its successor.
+    pub inflight: Mutex<Option<Inflight>>,
+    /// Whether a backend has had the rings (so requests may be in flight).
+    pub served: AtomicBool,
+}
+
+impl Session {
+    pub fn lock_inflight(&self) -> MutexGuard<'_, Option<Inflight>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A virtio device served by a vhost-user backend.
@@ -179,17 +189,25 @@ impl VhostUserDevice {
             acked: features,
             mem,
             interrupt,
+            inflight: Mutex::new(None),
+            served: AtomicBool::new(false),
         });
         {
             let mut link = self.shared.lock_link();
             match link.as_mut() {
-                Some(l) => l.start(
-                    &session.mem.memory(),
-                    features,
-                    self.shared.spec.queue_size,
-                    &session.rings,
-                    &bases,
-                )?,
+                Some(l) => {
+                    let spec = &self.shared.spec;
+                    *session.lock_inflight() = l.inflight(spec.num_queues, spec.queue_size)?;
+                    l.start(
+                        &session.mem.memory(),
+                        features,
+                        spec.queue_size,
+                        &session.rings,
+                        &bases,
+                        None,
+                    )?;
+                    session.served.store(true, Ordering::SeqCst);
+                }
                 // The watcher starts the rings when a backend is back (at the used index,
                 // which for fresh rings is where the driver starts).
                 None => tracing::warn!(

@@ -3,11 +3,12 @@
 //! Every message goes through the `vhost` crate's [`Frontend`]; a socket timeout keeps a backend
 //! that stops answering from hanging the vCPU that touched the device.
 
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -25,6 +26,16 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+}
+
+/// The backend's record of the requests it has taken from the rings and not completed, in
+/// memory it gave us: a backend that completes out of order (any real disk backend) can only
+/// be restarted without losing or repeating requests if its successor reads this record
+/// (`SET_INFLIGHT_FD`). The used index alone says how many completed, not which.
+pub struct Inflight {
+    info: VhostUserInflight,
+    file: File,
 }
 
 /// A connected, negotiated backend.
@@ -111,6 +122,7 @@ impl Link {
             let offered = frontend
                 .get_protocol_features()
                 .map_err(err("GET_PROTOCOL_FEATURES"))?;
+            tracing::debug!("vhost-user: backend protocol features {offered:?}");
             protocol = offered & wanted_protocol_features();
             frontend
                 .set_protocol_features(protocol)
@@ -164,9 +176,28 @@ impl Link {
         self.protocol.contains(feature)
     }
 
+    /// A fresh in-flight record for `num_queues` rings of up to `queue_size`, if the backend
+    /// keeps one.
+    pub fn inflight(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Option<Inflight>, String> {
+        if !self.has(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            return Ok(None);
+        }
+        let ask = VhostUserInflight::new(0, 0, num_queues, queue_size);
+        let (info, file) = self
+            .frontend
+            .get_inflight_fd(&ask)
+            .map_err(err("GET_INFLIGHT_FD"))?;
+        Ok(Some(Inflight { info, file }))
+    }
+
     /// Hands the backend everything it needs to serve `rings`: the driver's `acked` features,
-    /// the memory table and each ring's size, addresses, base, call and kick eventfds; then
-    /// enables them. `bases` are the rings' starting avail indices.
+    /// the memory table, the in-flight record a previous backend kept (`resume`), and each
+    /// ring's size, addresses, base, call and kick eventfds; then enables them. `bases` are the
+    /// rings' starting avail indices.
     pub fn start(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -174,12 +205,18 @@ impl Link {
         queue_max: u16,
         rings: &[Ring],
         bases: &[u16],
+        resume: Option<&Inflight>,
     ) -> Result<(), String> {
+        let has_inflight = self.has(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         let f = &mut self.frontend;
         f.set_features(Spec::backend_features(acked, self.backend_features))
             .map_err(err("SET_FEATURES"))?;
         f.set_mem_table(&memory_regions(mem)?)
             .map_err(err("SET_MEM_TABLE"))?;
+        if let Some(r) = resume.filter(|_| has_inflight) {
+            f.set_inflight_fd(&r.info, r.file.as_raw_fd())
+                .map_err(err("SET_INFLIGHT_FD"))?;
+        }
         for (ring, &base) in rings.iter().zip(bases) {
             let q = ring.index;
             let host = |gpa: u64, what: &str| {

@@ -2,8 +2,11 @@
 //! the backend hangs up (dies), the connection is dropped, the log says so once, and an active
 //! device is marked `DEVICE_NEEDS_RESET`; the VM runs on. The thread then tries the socket again
 //! every [`RECONNECT_EVERY`] and, once a backend answers, hands it the whole state again if the
-//! driver has the device running: features, memory table, and each ring resuming at the used
-//! index in guest memory (requests in flight when the old backend died are served again).
+//! driver has the device running: features, memory table, the old backend's in-flight record
+//! (`INFLIGHT_SHMFD`: the requests it had taken and not completed, which the new one serves
+//! first) and each ring resuming at the used index in guest memory. Without such a record the
+//! rings are not resumed (see [`Thread::reconnect`]): the device stays `DEVICE_NEEDS_RESET`
+//! and the driver's reset starts it afresh on the new backend.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -148,19 +151,49 @@ impl Thread {
         };
         let shared = self.shared.clone();
         let mut link = shared.lock_link();
+        let mut resumed = false;
         if let Some(s) = shared.session() {
             let mem = s.mem.memory();
-            let started = s
-                .rings
-                .iter()
-                .map(|r| r.used_idx(&mem))
-                .collect::<Result<Vec<_>, _>>()
-                .and_then(|bases| {
-                    new.start(&mem, s.acked, self.shared.spec.queue_size, &s.rings, &bases)
-                });
-            if let Err(e) = started {
-                tracing::warn!("vhost-user {}: reconnecting: {e}", self.shared.name);
-                return;
+            let spec = &shared.spec;
+            let mut inflight = s.lock_inflight();
+            let served = s.served.load(Ordering::SeqCst);
+            if served && inflight.is_none() {
+                // Which requests the dead backend had taken is unknown: the used index says how
+                // many completed, not which (backends complete out of order). Serving from it
+                // would run some twice and never others; the driver's reset starts clean.
+                tracing::warn!(
+                    "vhost-user {}: the backend keeps no in-flight record (INFLIGHT_SHMFD); the rings wait for the driver to reset the device",
+                    shared.name
+                );
+            } else {
+                let started = s
+                    .rings
+                    .iter()
+                    .map(|r| r.used_idx(&mem))
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(|bases| match inflight.as_ref() {
+                        // The successor takes over the record and serves what it lists first.
+                        Some(record) => new.start(
+                            &mem,
+                            s.acked,
+                            spec.queue_size,
+                            &s.rings,
+                            &bases,
+                            Some(record),
+                        ),
+                        // No backend had these rings: nothing is in flight, and this
+                        // backend's record starts now.
+                        None => {
+                            *inflight = new.inflight(spec.num_queues, spec.queue_size)?;
+                            new.start(&mem, s.acked, spec.queue_size, &s.rings, &bases, None)
+                        }
+                    });
+                if let Err(e) = started {
+                    tracing::warn!("vhost-user {}: reconnecting: {e}", self.shared.name);
+                    return;
+                }
+                s.served.store(true, Ordering::SeqCst);
+                resumed = true;
             }
         }
         if let Err(e) = self.watch(new.socket_fd()) {
@@ -171,9 +204,10 @@ impl Thread {
         self.shared.counters.connected.store(true, Ordering::SeqCst);
         self.shared.counters.reconnects.inc();
         tracing::info!(
-            "vhost-user {} ({}): reconnected; rings resumed",
+            "vhost-user {} ({}): reconnected{}",
             self.shared.name,
-            self.shared.spec.socket.display()
+            self.shared.spec.socket.display(),
+            if resumed { "; rings resumed" } else { "" }
         );
     }
 }
