@@ -15,6 +15,9 @@ mod relay;
 pub mod spec;
 mod watch;
 
+#[cfg(test)]
+mod tests;
+
 pub use device::{VhostUserCounters, VhostUserDevice};
 pub use link::memory_regions;
 pub use spec::{Kind, Spec};
