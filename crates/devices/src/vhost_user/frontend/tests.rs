@@ -128,7 +128,7 @@ impl VhostUserBackendReqHandlerMut for Recorder {
         Ok(())
     }
     fn get_queue_num(&mut self) -> Result<u64> {
-        Ok(1)
+        Ok(2)
     }
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
         self.note(format!("SET_VRING_ENABLE {index} {enable}"));
@@ -448,4 +448,39 @@ fn a_backend_that_is_gone_before_activation_is_reconnected_with_fresh_rings() {
     });
     let log = log_from(&next, "SET_FEATURES");
     assert!(log.contains(&"SET_VRING_BASE 0 0".to_string()), "{log:?}");
+}
+
+#[test]
+fn a_network_card_has_our_mac_and_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    let _seen = serve(&socket, false);
+    let mac = [0x52, 0x54, 0, 0xab, 0xcd, 0xef];
+    let dev = VhostUserDevice::connect(Spec {
+        kind: Kind::Net { mac },
+        socket,
+        num_queues: 2,
+        queue_size: 256,
+    })
+    .unwrap();
+    assert_eq!(dev.device_type(), 1);
+    assert_eq!(dev.queue_max_sizes(), [256, 256]);
+    let mut cfg = [0u8; 10];
+    dev.read_config(0, &mut cfg);
+    assert_eq!(&cfg[..6], &mac, "ours, not the backend's");
+    assert_eq!(&cfg[8..10], &1u16.to_le_bytes(), "one pair");
+    assert_ne!(dev.features() & (1 << 5), 0, "VIRTIO_NET_F_MAC");
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    let _seen = serve(&socket, false);
+    let e = VhostUserDevice::connect(Spec {
+        kind: Kind::Net { mac },
+        socket,
+        num_queues: 4,
+        queue_size: 256,
+    })
+    .err()
+    .unwrap();
+    assert!(e.contains("serves 2 queues, num_queues=4"), "{e}");
 }
