@@ -46,6 +46,9 @@ pub struct CpusConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryConfig {
     pub size: u64,
+    /// Guest RAM in a memfd mapped shared (implied by any vhost-user device).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -92,6 +95,11 @@ pub struct DiskConfig {
     /// Whether a qcow2 image may name a backing file (Cloud Hypervisor's default: no).
     #[serde(default)]
     pub backing_files: bool,
+    /// Served by a vhost-user backend listening on `vhost_socket` (instead of `path`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vhost_user: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<String>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -110,6 +118,11 @@ pub struct NetConfig {
     /// the VMM replaces the numbers the client sent with the descriptors it received.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fds: Option<Vec<i32>>,
+    /// Served by a vhost-user backend listening on `vhost_socket` (instead of a TAP).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vhost_user: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<String>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -205,7 +218,6 @@ const MEMORY: &[(&str, Allowed)] = &[
     ("mergeable", False),
     // Which hotplug mechanism would be used: meaningless without hotplug_size.
     ("hotplug_method", Any),
-    ("shared", False),
     ("hugepages", False),
     ("hugepage_size", Null),
     ("prefault", False),
@@ -220,8 +232,6 @@ const DISK: &[(&str, Allowed)] = &[
     ("direct", False),
     ("iommu", False),
     ("queue_size", Int(128)),
-    ("vhost_user", False),
-    ("vhost_socket", Null),
     ("rate_limiter_config", Null),
     ("pci_segment", Int(0)),
     ("pci_device_id", Null),
@@ -239,8 +249,6 @@ const NET: &[(&str, Allowed)] = &[
     ("mtu", Null),
     ("iommu", False),
     ("queue_size", Int(256)),
-    ("vhost_user", False),
-    ("vhost_socket", Null),
     ("vhost_mode", Str("Client")),
     ("pci_segment", Int(0)),
     ("pci_device_id", Null),
@@ -369,7 +377,7 @@ mod tests {
     #[test]
     fn non_default_unimplemented_fields_are_refused_by_name() {
         let cases = [
-            ("/disks/0/vhost_user", json!(true), "disks[0].vhost_user"),
+            ("/disks/0/queue_size", json!(64), "disks[0].queue_size"),
             ("/net/0/ip", json!("10.0.0.1"), "net[0].ip"),
             ("/memory/hugepages", json!(true), "memory.hugepages"),
             ("/cpus/topology", json!({"packages": 2}), "cpus.topology"),

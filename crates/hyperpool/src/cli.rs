@@ -71,7 +71,8 @@ pub struct RunArgs {
     /// vCPUs: N or boot=N[,features=-cx16,-xsave].
     #[arg(long, value_name = "SPEC", value_parser = parse_cpus, default_value = "boot=1")]
     pub cpus: CpusConfig,
-    /// Guest RAM: SIZE or size=SIZE (e.g. 512M, 4G).
+    /// Guest RAM: SIZE or size=SIZE[,shared=on] (e.g. 512M, 4G); shared (a memfd other
+    /// processes can map) is implied by vhost-user devices.
     #[arg(long, value_name = "SPEC", value_parser = parse_memory, default_value = "size=512M")]
     pub memory: MemoryConfig,
     /// Where COM1 goes: tty, off, or file=PATH.
@@ -93,12 +94,14 @@ pub struct RunArgs {
     /// hybrid convention).
     #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
-    /// A virtio-blk disk on a raw image: path=FILE[,readonly=on][,num_queues=N][,id=ID]
+    /// A virtio-blk disk on a raw image: path=FILE[,readonly=on][,num_queues=N][,id=ID], or
+    /// served by a vhost-user backend: vhost_user=true,socket=PATH[,num_queues=N][,queue_size=N]
     /// (repeatable).
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
     /// A virtio-net device on a TAP interface: tap=NAME[,mac=MAC][,num_queues=N] (repeatable;
-    /// the TAP is created if it does not exist and we may; N even, 2 per queue pair, default 2).
+    /// the TAP is created if it does not exist and we may; N even, 2 per queue pair, default 2),
+    /// or served by a vhost-user backend: vhost_user=true,socket=PATH[,mac=MAC][,num_queues=N].
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
 }

@@ -117,6 +117,11 @@ fn spec_from(args: &CreateArgs) -> Result<VmSpec, Failure> {
         spec.disks.push(disk_spec(d).map_err(Failure::usage)?);
     }
     for n in &args.nets {
+        if n.vhost_user.is_some() {
+            return Err(Failure::usage(
+                "--net: vhost_user=true is for `hyperpool run` and the per-VM API; pool VMs take tap=NAME",
+            ));
+        }
         spec.nets.push(NetSpec {
             tap: n.tap.clone(),
             mac: n.mac.map(|m| {
@@ -180,6 +185,12 @@ fn disk_spec(text: &str) -> Result<DiskSpec, String> {
         .collect::<Vec<_>>()
         .join(",");
     let d = parse_disk(&as_path)?;
+    if d.vhost_user.is_some() {
+        return Err(
+            "--disk: vhost_user=true is for `hyperpool run` and the per-VM API; pool VMs take path= or base="
+                .into(),
+        );
+    }
     let path = absolute(&d.path);
     Ok(DiskSpec {
         path: base.is_none().then(|| path.clone()),

@@ -164,8 +164,8 @@ fn bad_requests_name_what_is_wrong() {
             "cpus.max_vcpus",
         ),
         (
-            json!({"payload": {}, "disks": [{"path": "/a", "vhost_user": true}]}),
-            "disks[0].vhost_user",
+            json!({"payload": {}, "disks": [{"path": "/a", "vhost_user": true, "vhost_socket": "/s"}]}),
+            "disks[0]`: path does not go with vhost_user",
         ),
         (json!({"payload": {}, "frobnicate": 1}), "frobnicate"),
         (json!({"payload": {}, "memory": {"size": 4096}}), "--memory"),

@@ -186,6 +186,12 @@ fn bad_hotplug_requests_change_nothing() {
             400,
             "vhost_user",
         ),
+        // The VM's memory is private: no backend could map it.
+        (
+            json!({"vhost_user": true, "vhost_socket": dir.path().join("vu.sock")}),
+            400,
+            "shared guest memory",
+        ),
         (json!({"id": "nopath"}), 400, "path"),
     ];
     for (body, status, needle) in cases {

@@ -13,8 +13,9 @@ use hyperpool_devices::virtio::block::{Qcow2File, qcow2, serial_for};
 
 use crate::config::{DiskConfig, DiskFormat};
 use crate::error::{Error, Result};
+use crate::vhost_user::Opened;
 
-pub(crate) fn open_all(disks: &[DiskConfig]) -> Result<Vec<Block>> {
+pub(crate) fn open_all(disks: &[DiskConfig]) -> Result<Vec<Opened>> {
     let mut ids = HashSet::new();
     for d in disks {
         if let Some(id) = &d.id {
@@ -28,8 +29,18 @@ pub(crate) fn open_all(disks: &[DiskConfig]) -> Result<Vec<Block>> {
     disks.iter().map(open).collect()
 }
 
-/// Opens (and locks) one disk image; the error is one line naming it.
-pub(crate) fn open(d: &DiskConfig) -> Result<Block> {
+/// Opens (and locks) one disk image, or connects its vhost-user backend; the error is one line
+/// naming it.
+pub(crate) fn open(d: &DiskConfig) -> Result<Opened> {
+    if let Some(vu) = &d.vhost_user {
+        return crate::vhost_user::open_disk(d, vu);
+    }
+    let block = open_image(d)?;
+    let counters = block.counters();
+    Ok((Box::new(block), counters))
+}
+
+fn open_image(d: &DiskConfig) -> Result<Block> {
     let is_qcow2 = match d.format {
         Some(DiskFormat::Qcow2) => true,
         Some(DiskFormat::Raw) => false,
@@ -69,6 +80,7 @@ mod tests {
             num_queues: 1,
             id: id.map(str::to_owned),
             format: None,
+            vhost_user: None,
         }
     }
 
@@ -82,10 +94,12 @@ mod tests {
                 .len(),
             2
         );
-        let e = open_all(&[disk(&img, Some("a")), disk(&img, Some("a"))]).unwrap_err();
+        let e = open_all(&[disk(&img, Some("a")), disk(&img, Some("a"))])
+            .err()
+            .unwrap();
         assert!(e.is_user_error() && e.to_string().contains("id 'a'"), "{e}");
         let missing = img.with_extension("missing");
-        let e = open_all(&[disk(&missing, None)]).unwrap_err();
+        let e = open_all(&[disk(&missing, None)]).err().unwrap();
         assert!(e.is_user_error(), "{e}");
         assert!(
             e.to_string().contains(&missing.display().to_string()),
@@ -100,7 +114,7 @@ mod tests {
         let mut bytes = b"QFI\xfb\0\0\0\x03".to_vec();
         bytes.resize(4096, 0);
         std::fs::write(&img, &bytes).unwrap();
-        let e = open_all(&[disk(&img, None)]).unwrap_err();
+        let e = open_all(&[disk(&img, None)]).err().unwrap();
         assert!(e.is_user_error(), "{e}");
         assert!(e.to_string().contains("qcow2 image"), "{e}");
         assert!(e.to_string().contains("corrupt header"), "{e}");

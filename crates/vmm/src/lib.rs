@@ -14,6 +14,7 @@ pub mod error;
 pub mod host;
 pub mod hotplug;
 pub mod machine;
+mod memfd;
 mod net;
 mod pause;
 pub mod pci;
@@ -21,6 +22,7 @@ pub mod run;
 pub mod running;
 pub mod serial_io;
 pub mod vcpu;
+mod vhost_user;
 
 pub use config::VmConfig;
 pub use error::Error;

@@ -21,6 +21,7 @@ use hyperpool_devices::virtio::net::device::random_mac;
 
 use crate::config::NetConfig;
 use crate::error::{Error, Result};
+use crate::vhost_user::Opened;
 
 /// A TAP opened by this process: its name, its queues (one per pair), the MAC its device got.
 type OpenTap = (String, Vec<Tap>, [u8; 6]);
@@ -82,9 +83,12 @@ fn tap(name: &str, pairs: usize, mac: Option<[u8; 6]>) -> std::io::Result<(Vec<T
     Ok((t, mac))
 }
 
-pub(crate) fn open_all(nets: &[NetConfig]) -> Result<Vec<Net>> {
+pub(crate) fn open_all(nets: &[NetConfig]) -> Result<Vec<Opened>> {
     let mut names = HashSet::new();
-    for n in nets.iter().filter(|n| n.fds.is_empty()) {
+    for n in nets
+        .iter()
+        .filter(|n| n.fds.is_empty() && n.vhost_user.is_none())
+    {
         if !names.insert(n.tap.as_str()) {
             return Err(Error::Config(format!(
                 "--net: TAP '{}' is used by more than one --net",
@@ -95,8 +99,18 @@ pub(crate) fn open_all(nets: &[NetConfig]) -> Result<Vec<Net>> {
     nets.iter().map(open).collect()
 }
 
-/// Opens one network device's TAP; the error is one line naming it.
-pub(crate) fn open(cfg: &NetConfig) -> Result<Net> {
+/// Opens one network device's TAP, or connects its vhost-user backend; the error is one line
+/// naming it.
+pub(crate) fn open(cfg: &NetConfig) -> Result<Opened> {
+    if let Some(vu) = &cfg.vhost_user {
+        return crate::vhost_user::open_net(cfg, vu);
+    }
+    let net = open_tap(cfg)?;
+    let counters = net.counters();
+    Ok((Box::new(net), counters))
+}
+
+fn open_tap(cfg: &NetConfig) -> Result<Net> {
     let pairs = usize::from(cfg.num_queues / 2);
     if !cfg.fds.is_empty() {
         let taps = adopted_taps(&cfg.fds).map_err(|e| Error::Config(format!("--net fds: {e}")))?;

@@ -7,8 +7,8 @@ use hyperpool_api as api;
 
 use super::parse::{disk_queues, disk_serial, net_queues, parse_mac};
 use super::{
-    ConsoleConfig, CpusConfig, DiskConfig, DiskFormat, MemoryConfig, NetConfig, OnReboot,
-    SerialConfig, VmConfig, VsockConfig,
+    ConsoleConfig, CpusConfig, DISK_QUEUE_SIZE, DiskConfig, DiskFormat, MemoryConfig,
+    NET_QUEUE_SIZE, NetConfig, OnReboot, SerialConfig, VhostUserConfig, VmConfig, VsockConfig,
 };
 use crate::arch::cpu_template::CpuTemplate;
 
@@ -27,7 +27,10 @@ pub fn from_api(cfg: &api::VmConfig) -> Result<VmConfig, String> {
         out.cpus = cpus(c)?;
     }
     if let Some(m) = &cfg.memory {
-        out.memory = MemoryConfig { size: m.size };
+        out.memory = MemoryConfig {
+            size: m.size,
+            shared: m.shared,
+        };
     }
     for (i, d) in cfg.disks.iter().flatten().enumerate() {
         out.disks
@@ -87,7 +90,51 @@ fn cpus(c: &api::CpusConfig) -> Result<CpusConfig, String> {
     })
 }
 
+/// `vhost_user` / `vhost_socket`; `conflicts` are the fields set that the backend decides.
+fn vhost_user(
+    enabled: bool,
+    socket: Option<&String>,
+    queue_size: u16,
+    conflicts: &[&str],
+) -> Result<Option<VhostUserConfig>, String> {
+    match (enabled, socket) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err("vhost_socket needs vhost_user: true".into()),
+        (true, None) => Err("vhost_user: true needs vhost_socket".into()),
+        (true, Some(s)) => {
+            if let Some(field) = conflicts.first() {
+                return Err(format!(
+                    "{field} does not go with vhost_user: true (the backend decides it)"
+                ));
+            }
+            Ok(Some(VhostUserConfig {
+                socket: PathBuf::from(s),
+                queue_size,
+            }))
+        }
+    }
+}
+
 fn disk(d: &api::DiskConfig) -> Result<DiskConfig, String> {
+    let set: Vec<&str> = [
+        ("path", d.path.is_some()),
+        ("readonly", d.readonly),
+        ("image_type", d.image_type.is_some()),
+        ("backing_files", d.backing_files),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if let Some(vu) = vhost_user(d.vhost_user, d.vhost_socket.as_ref(), DISK_QUEUE_SIZE, &set)? {
+        return Ok(DiskConfig {
+            path: PathBuf::new(),
+            readonly: false,
+            num_queues: disk_queues(d.num_queues.unwrap_or(1))?,
+            id: d.serial.clone().map(disk_serial).transpose()?,
+            format: None,
+            vhost_user: Some(vu),
+        });
+    }
     let path = d
         .path
         .as_ref()
@@ -105,10 +152,24 @@ fn disk(d: &api::DiskConfig) -> Result<DiskConfig, String> {
         num_queues: disk_queues(d.num_queues.unwrap_or(1))?,
         id: d.serial.clone().map(disk_serial).transpose()?,
         format,
+        vhost_user: None,
     })
 }
 
 fn net(n: &api::NetConfig) -> Result<NetConfig, String> {
+    let set: Vec<&str> = [("tap", n.tap.is_some()), ("fds", n.fds.is_some())]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+    if let Some(vu) = vhost_user(n.vhost_user, n.vhost_socket.as_ref(), NET_QUEUE_SIZE, &set)? {
+        return Ok(NetConfig {
+            tap: String::new(),
+            fds: Vec::new(),
+            mac: n.mac.as_deref().map(parse_mac).transpose()?,
+            num_queues: net_queues(n.num_queues.unwrap_or(2))?,
+            vhost_user: Some(vu),
+        });
+    }
     if let Some(fds) = n.fds.as_ref().filter(|f| !f.is_empty()) {
         if n.tap.is_some() {
             return Err("give either tap or fds, not both".into());
@@ -126,6 +187,7 @@ fn net(n: &api::NetConfig) -> Result<NetConfig, String> {
             fds: fds.clone(),
             mac: n.mac.as_deref().map(parse_mac).transpose()?,
             num_queues,
+            vhost_user: None,
         });
     }
     let tap = n
@@ -138,6 +200,7 @@ fn net(n: &api::NetConfig) -> Result<NetConfig, String> {
         fds: Vec::new(),
         mac: n.mac.as_deref().map(parse_mac).transpose()?,
         num_queues: net_queues(n.num_queues.unwrap_or(2))?,
+        vhost_user: None,
     })
 }
 
@@ -213,6 +276,40 @@ mod tests {
     }
 
     #[test]
+    fn vhost_user_devices_convert() {
+        let cfg = parse(
+            r#"{"memory": {"size": 268435456, "shared": true},
+                "disks": [{"vhost_user": true, "vhost_socket": "/run/d.sock", "num_queues": 2,
+                           "queue_size": 128, "id": "disk0"}],
+                "net": [{"vhost_user": true, "vhost_socket": "/run/n.sock", "vhost_mode": "Client",
+                         "mac": "52:54:00:00:00:09"}]}"#,
+        )
+        .unwrap();
+        assert!(cfg.memory.shared);
+        let d = &cfg.disks[0];
+        assert_eq!(
+            d.vhost_user,
+            Some(VhostUserConfig {
+                socket: "/run/d.sock".into(),
+                queue_size: 128
+            })
+        );
+        assert_eq!(d.num_queues, 2);
+        let n = &cfg.nets[0];
+        assert_eq!(
+            n.vhost_user.as_ref().unwrap().socket,
+            PathBuf::from("/run/n.sock")
+        );
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0, 0, 9]));
+        assert!(cfg.shared_memory());
+        let plain = parse(r#"{"disks": [{"path": "/a"}]}"#).unwrap();
+        assert!(
+            !plain.shared_memory(),
+            "private memory unless asked or needed"
+        );
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (
@@ -237,6 +334,26 @@ mod tests {
                 "net[0]",
             ),
             (r#"{"rng": {"src": "/dev/hwrng"}}"#, "rng.src"),
+            (
+                r#"{"disks": [{"vhost_user": true, "vhost_socket": "/s", "path": "/a"}]}"#,
+                "disks[0]`: path does not go",
+            ),
+            (
+                r#"{"disks": [{"vhost_user": true, "vhost_socket": "/s", "readonly": true}]}"#,
+                "disks[0]`: readonly does not go",
+            ),
+            (
+                r#"{"disks": [{"vhost_user": true}]}"#,
+                "disks[0]`: vhost_user: true needs",
+            ),
+            (
+                r#"{"net": [{"tap": "t", "vhost_socket": "/s"}]}"#,
+                "net[0]`: vhost_socket needs",
+            ),
+            (
+                r#"{"net": [{"vhost_user": true, "vhost_socket": "/s", "tap": "t"}]}"#,
+                "net[0]`: tap does not go",
+            ),
             (r#"{"vsock": {"cid": 2, "socket": "/s"}}"#, "vsock.cid"),
             (r#"{"serial": {"mode": "File"}}"#, "serial"),
             (

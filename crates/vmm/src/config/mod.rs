@@ -33,11 +33,17 @@ impl Default for CpusConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryConfig {
     pub size: u64,
+    /// Back guest RAM with a memfd mapped shared (`shared=on`), so another process can map
+    /// it. Also implied by any vhost-user device; otherwise RAM is private anonymous memory.
+    pub shared: bool,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        Self { size: 512 << 20 }
+        Self {
+            size: 512 << 20,
+            shared: false,
+        }
     }
 }
 
@@ -101,9 +107,11 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
 }
 
-/// A virtio-blk disk on a raw image (`--disk path=FILE[,readonly=on][,num_queues=N][,id=ID]`).
+/// A virtio-blk disk on a raw image (`--disk path=FILE[,readonly=on][,num_queues=N][,id=ID]`),
+/// or served by a vhost-user backend (`--disk vhost_user=true,socket=PATH[,num_queues=N]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
+    /// The image; empty for a vhost-user disk (the backend opens it).
     pub path: PathBuf,
     pub readonly: bool,
     /// Request queues, 1..=[`MAX_DISK_QUEUES`].
@@ -112,7 +120,23 @@ pub struct DiskConfig {
     pub id: Option<String>,
     /// The image format; `None` detects it from the file (qcow2 magic, else raw).
     pub format: Option<DiskFormat>,
+    /// Served by a vhost-user backend instead of the VMM.
+    pub vhost_user: Option<VhostUserConfig>,
 }
+
+/// A device whose queues a vhost-user backend process serves (Cloud Hypervisor's
+/// `vhost_user=true,socket=PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserConfig {
+    /// The backend's listening socket.
+    pub socket: PathBuf,
+    /// Each queue's maximum size (a power of two up to 256).
+    pub queue_size: u16,
+}
+
+/// Cloud Hypervisor's default queue sizes.
+pub const DISK_QUEUE_SIZE: u16 = 128;
+pub const NET_QUEUE_SIZE: u16 = 256;
 
 /// Disk image formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +148,8 @@ pub enum DiskFormat {
 /// virtio-net on a TAP (`--net tap=NAME[,mac=MAC][,num_queues=N]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// The TAP interface, opened (or, with `CAP_NET_ADMIN`, created) by name; empty with `fds`.
+    /// The TAP interface, opened (or, with `CAP_NET_ADMIN`, created) by name; empty with `fds`
+    /// or `vhost_user`.
     pub tap: String,
     /// TAP queues another process opened and passed over the API socket (SCM_RIGHTS), one per
     /// queue pair, as registered by `net::adopt`; used instead of `tap` when not empty.
@@ -134,6 +159,8 @@ pub struct NetConfig {
     /// Data virtqueues, RX + TX (Cloud Hypervisor's convention): an even number, one TAP queue
     /// per pair, 2..=[`MAX_NET_QUEUES`].
     pub num_queues: u16,
+    /// Served by a vhost-user backend instead of a TAP.
+    pub vhost_user: Option<VhostUserConfig>,
 }
 
 /// The most data queues a network device may have (16 pairs, a thread each).
@@ -155,6 +182,13 @@ pub struct VsockConfig {
 pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 impl VmConfig {
+    /// Whether guest RAM must be shareable with another process.
+    pub fn shared_memory(&self) -> bool {
+        self.memory.shared
+            || self.disks.iter().any(|d| d.vhost_user.is_some())
+            || self.nets.iter().any(|n| n.vhost_user.is_some())
+    }
+
     /// The command line the guest gets.
     pub fn effective_cmdline(&self) -> String {
         match (&self.cmdline, &self.kernel) {

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use super::{
-    ConsoleConfig, CpusConfig, DiskConfig, DiskFormat, MAX_DISK_QUEUES, MAX_NET_QUEUES,
-    MemoryConfig, NetConfig, SerialConfig, VsockConfig, parse_size,
+    ConsoleConfig, CpusConfig, DISK_QUEUE_SIZE, DiskConfig, DiskFormat, MAX_DISK_QUEUES,
+    MAX_NET_QUEUES, MemoryConfig, NET_QUEUE_SIZE, NetConfig, SerialConfig, VhostUserConfig,
+    VsockConfig, parse_size,
 };
 use crate::arch::cpu_template::CpuTemplate;
 
@@ -51,19 +52,94 @@ pub fn parse_cpus(text: &str) -> Result<CpusConfig, String> {
     Ok(cfg)
 }
 
-/// `--memory 512M` or `--memory size=512M`.
+/// `--memory 512M` or `--memory size=512M[,shared=on]`.
 pub fn parse_memory(text: &str) -> Result<MemoryConfig, String> {
     if !text.contains('=') {
-        return parse_size(text).map(|size| MemoryConfig { size });
+        return parse_size(text).map(|size| MemoryConfig {
+            size,
+            shared: false,
+        });
     }
     let mut cfg = MemoryConfig::default();
     for (k, v) in pairs("memory", text)? {
         match k {
             "size" => cfg.size = parse_size(&v)?,
-            _ => return Err(unknown("memory", k, "size")),
+            "shared" => cfg.shared = on_off("memory", k, &v)?,
+            _ => return Err(unknown("memory", k, "size, shared")),
         }
     }
     Ok(cfg)
+}
+
+/// `on`/`true` or `off`/`false`.
+fn on_off(option: &str, key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{option}: {key}='{v}' is not on or off")),
+    }
+}
+
+/// The vhost-user keys of `--disk` / `--net`, collected while the rest is parsed and checked
+/// at the end: `socket=` and `queue_size=` mean nothing without `vhost_user=true`.
+#[derive(Default)]
+struct VhostUserKeys {
+    enabled: bool,
+    socket: Option<PathBuf>,
+    queue_size: Option<u16>,
+}
+
+impl VhostUserKeys {
+    /// Takes `k=v` if it is a vhost-user key.
+    fn take(&mut self, option: &str, k: &str, v: &str) -> Result<bool, String> {
+        match k {
+            "vhost_user" => self.enabled = on_off(option, k, v)?,
+            "socket" if !v.is_empty() => self.socket = Some(PathBuf::from(v)),
+            "socket" => return Err(format!("{option}: socket= needs a path")),
+            "queue_size" => self.queue_size = Some(queue_size(option, v)?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The device's vhost-user configuration; `conflicts` are the keys given that a backend
+    /// decides (or that name a host resource the backend owns).
+    fn finish(
+        self,
+        option: &str,
+        default_queue_size: u16,
+        conflicts: &[&str],
+    ) -> Result<Option<VhostUserConfig>, String> {
+        if !self.enabled {
+            return match (self.socket, self.queue_size) {
+                (None, None) => Ok(None),
+                _ => Err(format!(
+                    "{option}: socket= and queue_size= need vhost_user=true"
+                )),
+            };
+        }
+        if let Some(k) = conflicts.first() {
+            return Err(format!(
+                "{option}: {k}= does not go with vhost_user=true (the backend decides it)"
+            ));
+        }
+        let socket = self
+            .socket
+            .ok_or_else(|| format!("{option}: vhost_user=true needs socket=PATH"))?;
+        Ok(Some(VhostUserConfig {
+            socket,
+            queue_size: self.queue_size.unwrap_or(default_queue_size),
+        }))
+    }
+}
+
+/// A vhost-user queue size: a power of two the transport can carry.
+pub(super) fn queue_size(option: &str, v: &str) -> Result<u16, String> {
+    let max = hyperpool_devices::virtio::MAX_QUEUE_SIZE;
+    v.parse::<u16>()
+        .ok()
+        .filter(|n| n.is_power_of_two() && *n <= max)
+        .ok_or_else(|| format!("{option}: queue_size='{v}' is not a power of two up to {max}"))
 }
 
 /// `--serial tty|off|file=PATH`.
@@ -89,7 +165,8 @@ pub fn parse_console(text: &str) -> Result<ConsoleConfig, String> {
     })
 }
 
-/// `--disk path=FILE[,readonly=on|off][,num_queues=N][,id=ID]`.
+/// `--disk path=FILE[,readonly=on|off][,num_queues=N][,id=ID][,format=raw|qcow2]`, or
+/// `--disk vhost_user=true,socket=PATH[,num_queues=N][,queue_size=N][,id=ID]`.
 pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     let mut path = None;
     let mut cfg = DiskConfig {
@@ -98,8 +175,17 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
         num_queues: 1,
         id: None,
         format: None,
+        vhost_user: None,
     };
+    let mut vhost = VhostUserKeys::default();
+    let mut image_keys = Vec::new();
     for (k, v) in pairs("disk", text)? {
+        if vhost.take("disk", k, &v)? {
+            continue;
+        }
+        if matches!(k, "path" | "readonly" | "format") {
+            image_keys.push(k);
+        }
         match k {
             "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
             "path" => return Err("disk: path= needs a file".into()),
@@ -124,10 +210,19 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
                     _ => return Err(format!("disk: format='{v}' is not raw or qcow2")),
                 })
             }
-            _ => return Err(unknown("disk", k, "path, readonly, num_queues, id, format")),
+            _ => {
+                return Err(unknown(
+                    "disk",
+                    k,
+                    "path, readonly, num_queues, id, format, vhost_user, socket, queue_size",
+                ));
+            }
         }
     }
-    cfg.path = path.ok_or("disk: path=FILE is required")?;
+    cfg.vhost_user = vhost.finish("disk", DISK_QUEUE_SIZE, &image_keys)?;
+    if cfg.vhost_user.is_none() {
+        cfg.path = path.ok_or("disk: path=FILE is required (or vhost_user=true,socket=PATH)")?;
+    }
     Ok(cfg)
 }
 
@@ -153,16 +248,22 @@ pub(super) fn disk_serial(v: String) -> Result<String, String> {
     }
 }
 
-/// `--net tap=NAME[,mac=MAC][,num_queues=N]`: a virtio-net device on TAP interface NAME.
+/// `--net tap=NAME[,mac=MAC][,num_queues=N]`: a virtio-net device on TAP interface NAME; or
+/// `--net vhost_user=true,socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N]`.
 pub fn parse_net(text: &str) -> Result<NetConfig, String> {
     let mut cfg = NetConfig {
         tap: String::new(),
         fds: Vec::new(),
         mac: None,
         num_queues: 2,
+        vhost_user: None,
     };
     let mut tap = None;
+    let mut vhost = VhostUserKeys::default();
     for (k, v) in pairs("net", text)? {
+        if vhost.take("net", k, &v)? {
+            continue;
+        }
         match k {
             "tap" => {
                 hyperpool_devices::virtio::net::tap::check_name(&v)
@@ -176,10 +277,20 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
                     .map_err(|_| format!("net: num_queues='{v}' is not a number"))
                     .and_then(net_queues)?
             }
-            _ => return Err(unknown("net", k, "tap, mac, num_queues")),
+            _ => {
+                return Err(unknown(
+                    "net",
+                    k,
+                    "tap, mac, num_queues, vhost_user, socket, queue_size",
+                ));
+            }
         }
     }
-    cfg.tap = tap.ok_or("net: tap=NAME is required")?;
+    let conflicts: &[&str] = if tap.is_some() { &["tap"] } else { &[] };
+    cfg.vhost_user = vhost.finish("net", NET_QUEUE_SIZE, conflicts)?;
+    if cfg.vhost_user.is_none() {
+        cfg.tap = tap.ok_or("net: tap=NAME is required (or vhost_user=true,socket=PATH)")?;
+    }
     Ok(cfg)
 }
 
@@ -286,10 +397,18 @@ mod tests {
     fn memory_forms() {
         assert_eq!(parse_memory("512M").unwrap().size, 512 << 20);
         assert_eq!(parse_memory("size=4G").unwrap().size, 4 << 30);
+        let m = parse_memory("size=4G,shared=on").unwrap();
+        assert!(m.shared && m.size == 4 << 30);
+        assert!(!parse_memory("4G").unwrap().shared);
         assert!(
-            parse_memory("size=4G,shared=on")
+            parse_memory("size=4G,shared=yes")
                 .unwrap_err()
-                .contains("unknown memory key 'shared'")
+                .contains("shared='yes'")
+        );
+        assert!(
+            parse_memory("size=4G,hugepages=on")
+                .unwrap_err()
+                .contains("unknown memory key 'hugepages'")
         );
         assert!(parse_memory("lots").is_err());
     }
@@ -346,9 +465,70 @@ mod tests {
             ("tap=t,num_queues=34", "not an even number"),
             ("tap=t,num_queues=-2", "is not a number"),
             ("tap=t,vhost=on", "unknown net key 'vhost'"),
+            ("tap=t,socket=/s", "need vhost_user=true"),
+            ("vhost_user=true", "needs socket=PATH"),
+            (
+                "vhost_user=true,socket=/s,tap=t",
+                "tap= does not go with vhost_user",
+            ),
+            (
+                "vhost_user=true,socket=/s,queue_size=100",
+                "queue_size='100'",
+            ),
+            ("vhost_user=maybe,socket=/s", "vhost_user='maybe'"),
         ] {
             let e = parse_net(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
+        }
+        let n = parse_net("vhost_user=true,socket=/run/n.sock,num_queues=4,mac=52:54:00:00:00:02")
+            .unwrap();
+        let vu = n.vhost_user.unwrap();
+        assert_eq!((vu.socket, vu.queue_size), ("/run/n.sock".into(), 256));
+        assert_eq!((n.tap.as_str(), n.num_queues), ("", 4));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0, 0, 2]));
+    }
+
+    #[test]
+    fn vhost_user_disk_forms() {
+        let d = parse_disk("vhost_user=true,socket=/run/d.sock,num_queues=2,id=data").unwrap();
+        let vu = d.vhost_user.unwrap();
+        assert_eq!((vu.socket, vu.queue_size), ("/run/d.sock".into(), 128));
+        assert_eq!((d.num_queues, d.id.as_deref()), (2, Some("data")));
+        assert_eq!(d.path, PathBuf::new());
+        let d = parse_disk("vhost_user=on,socket=/s,queue_size=256").unwrap();
+        assert_eq!(d.vhost_user.unwrap().queue_size, 256);
+        assert!(
+            parse_disk("vhost_user=false,path=/a")
+                .unwrap()
+                .vhost_user
+                .is_none()
+        );
+        for (bad, why) in [
+            ("vhost_user=true", "needs socket=PATH"),
+            ("vhost_user=true,socket=", "needs a path"),
+            (
+                "vhost_user=true,socket=/s,path=/a",
+                "path= does not go with vhost_user",
+            ),
+            (
+                "vhost_user=true,socket=/s,readonly=on",
+                "readonly= does not go",
+            ),
+            (
+                "vhost_user=true,socket=/s,format=raw",
+                "format= does not go",
+            ),
+            ("vhost_user=true,socket=/s,queue_size=0", "queue_size='0'"),
+            (
+                "vhost_user=true,socket=/s,queue_size=512",
+                "not a power of two up to 256",
+            ),
+            ("path=/a,socket=/s", "need vhost_user=true"),
+            ("path=/a,queue_size=64", "need vhost_user=true"),
+        ] {
+            let e = parse_disk(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{bad}: one line");
         }
     }
 

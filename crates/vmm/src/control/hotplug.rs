@@ -24,9 +24,10 @@ impl Controller {
             return Err(ActionError::new(500, "the added disk is missing"));
         };
         self.need_free_slot()?;
-        let block = crate::disk::open(disk_cfg).map_err(|e| user_error(&e.to_string()))?;
-        let counters = block.counters();
-        self.plug(Kind::Disk, id, Box::new(block), counters, api, cfg)
+        self.need_shared_memory(disk_cfg.vhost_user.is_some())?;
+        let (block, counters) =
+            crate::disk::open(disk_cfg).map_err(|e| user_error(&e.to_string()))?;
+        self.plug(Kind::Disk, id, block, counters, api, cfg)
     }
 
     pub(super) fn hot_add_net(&mut self, mut net: api::NetConfig) -> Reply_ {
@@ -37,9 +38,9 @@ impl Controller {
             return Err(ActionError::new(500, "the added network device is missing"));
         };
         self.need_free_slot()?;
-        let dev = crate::net::open(net_cfg).map_err(|e| user_error(&e.to_string()))?;
-        let counters = dev.counters();
-        self.plug(Kind::Net, id, Box::new(dev), counters, api, cfg)
+        self.need_shared_memory(net_cfg.vhost_user.is_some())?;
+        let (dev, counters) = crate::net::open(net_cfg).map_err(|e| user_error(&e.to_string()))?;
+        self.plug(Kind::Net, id, dev, counters, api, cfg)
     }
 
     pub(super) fn hot_remove(&mut self, id: &str) -> Reply_ {
@@ -133,6 +134,19 @@ impl Controller {
                 "all 31 PCI slots are taken; remove a device first",
             ))
         }
+    }
+
+    /// A vhost-user device maps guest memory, which only a VM started with shared memory has.
+    fn need_shared_memory(&mut self, vhost_user: bool) -> std::result::Result<(), ActionError> {
+        if !vhost_user
+            || crate::vhost_user::memory_is_shared(&self.running_mut()?.machine_mut().memory)
+        {
+            return Ok(());
+        }
+        Err(ActionError::new(
+            400,
+            "a vhost-user device needs shared guest memory: start the VM with memory.shared = true",
+        ))
     }
 
     fn plug(
