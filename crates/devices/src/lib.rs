@@ -8,6 +8,7 @@ pub mod exit;
 pub mod irq;
 pub mod legacy;
 pub mod pci;
+pub mod vhost_user;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, SharedDevice};
