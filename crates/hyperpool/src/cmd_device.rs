@@ -1,0 +1,144 @@
+//! `hyperpool device blk|net|vsock|rng --socket PATH`: one device model in its own process,
+//! served to a vhost-user frontend. The device is opened (image locked, TAP attached, vsock
+//! socket bound) and the vhost-user socket bound first; then the process gives up everything
+//! else (no new privileges, a seccomp allow-list) and serves frontends one after another.
+//! SIGTERM or SIGINT remove the socket and exit 0.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hyperpool_devices::vhost_user::backend::{DeviceBackend, serve};
+use hyperpool_devices::virtio::block::{Qcow2File, qcow2, serial_for};
+use hyperpool_devices::virtio::net::Tap;
+use hyperpool_devices::virtio::{Block, Net, Rng, VirtioDevice, Vsock};
+use hyperpool_vmm::config::{DiskConfig, DiskFormat, NetConfig};
+
+use crate::Failure;
+use crate::cli::DeviceCommand;
+use crate::sandbox;
+
+pub fn run(cmd: DeviceCommand) -> Result<u8, Failure> {
+    let (name, socket, device): (&str, PathBuf, Box<dyn VirtioDevice>) = match cmd {
+        DeviceCommand::Blk { socket, disk } => ("vhost-user-blk", socket.socket, open_disk(&disk)?),
+        DeviceCommand::Net { socket, net } => ("vhost-user-net", socket.socket, open_net(&net)?),
+        DeviceCommand::Vsock { socket, vsock } => {
+            let dev = Vsock::new(u64::from(vsock.cid), &vsock.socket).map_err(|e| {
+                Failure::usage(format!("--vsock socket={}: {e}", vsock.socket.display()))
+            })?;
+            ("vhost-user-vsock", socket.socket, Box::new(dev))
+        }
+        DeviceCommand::Rng { socket } => ("vhost-user-rng", socket.socket, Box::new(Rng::new())),
+    };
+    let listener = bind(&socket)?;
+    remove_on_signal(socket.clone())?;
+    sandbox::apply().map_err(Failure::runtime)?;
+    tracing::info!("{name}: serving on {}", socket.display());
+    let backend = Arc::new(Mutex::new(DeviceBackend::new(name, device)));
+    serve(&listener, &backend, name)
+        .map_err(|e| Failure::runtime(format!("{}: accept: {e}", socket.display())))?;
+    Ok(0)
+}
+
+/// Opens (and locks) the image as `hyperpool run` does: qcow2 when `format=qcow2` or detected
+/// by its magic, and a detected qcow2 may not name a backing file (a guest can write any header
+/// into a raw disk it owns; following a host path takes the user's explicit `format=qcow2`).
+fn open_disk(d: &DiskConfig) -> Result<Box<dyn VirtioDevice>, Failure> {
+    let is_qcow2 = match d.format {
+        Some(DiskFormat::Qcow2) => true,
+        Some(DiskFormat::Raw) => false,
+        None if qcow2::is_qcow2(&d.path) => {
+            if qcow2::names_backing_file(&d.path) {
+                return Err(Failure::usage(format!(
+                    "--disk: {} is a qcow2 image with a backing file; add format=qcow2 to use it (a detected format never follows a backing file)",
+                    d.path.display()
+                )));
+            }
+            true
+        }
+        None => false,
+    };
+    if is_qcow2 {
+        let image = Qcow2File::open(&d.path, d.readonly)
+            .map_err(|e| Failure::usage(format!("--disk: {e}")))?;
+        return Ok(Box::new(Block::new(
+            Arc::new(image),
+            d.readonly,
+            d.num_queues,
+            serial_for(&d.path, d.id.as_deref()),
+        )));
+    }
+    let block = Block::open_raw(&d.path, d.readonly, d.num_queues, d.id.as_deref())
+        .map_err(|e| Failure::usage(format!("--disk: {e}")))?;
+    Ok(Box::new(block))
+}
+
+fn open_net(cfg: &NetConfig) -> Result<Box<dyn VirtioDevice>, Failure> {
+    let pairs = usize::from(cfg.num_queues / 2);
+    let taps = Tap::open_queues(&cfg.tap, pairs).map_err(|e| {
+        Failure::usage(format!("--net tap={}: cannot open the TAP: {e}", cfg.tap))
+    })?;
+    let net = Net::new(taps, cfg.mac)
+        .map_err(|e| Failure::usage(format!("--net tap={}: {e}", cfg.tap)))?;
+    Ok(Box::new(net))
+}
+
+/// Binds the socket, replacing a stale one (a socket file nobody listens on) but never another
+/// kind of file or a live backend's socket.
+fn bind(path: &Path) -> Result<UnixListener, Failure> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Failure::usage(format!(
+                "--socket {}: exists and is not a socket",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Failure::usage(format!(
+                "--socket {}: another process is listening on it",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Failure::usage(format!("--socket {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Failure::runtime(format!("--socket {}: chmod: {e}", path.display())))?;
+    Ok(listener)
+}
+
+/// SIGTERM and SIGINT are taken by a thread of their own (blocked everywhere else, so the
+/// device threads spawned later never see them): it removes the socket and exits 0.
+fn remove_on_signal(socket: PathBuf) -> Result<(), Failure> {
+    // SAFETY: a zeroed sigset_t is valid storage for sigemptyset/sigaddset, which only write it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; blocking the two signals in this (the main) thread
+    // before any other thread exists makes every later thread inherit the mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(Failure::runtime(format!(
+            "blocking signals: {}",
+            std::io::Error::from_raw_os_error(rc)
+        )));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` and `sig` are valid for the call; the signals are blocked.
+            while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+            tracing::info!("signal {sig}: removing {} and exiting", socket.display());
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        })
+        .map_err(|e| Failure::runtime(format!("signal thread: {e}")))?;
+    Ok(())
+}
