@@ -54,6 +54,10 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_clock_nanosleep,
     libc::SYS_clock_gettime,
     libc::SYS_sched_yield,
+    // vsock's connection timeouts.
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
     libc::SYS_sched_getaffinity,
     // Disks.
     libc::SYS_io_uring_setup,
@@ -99,6 +103,9 @@ const ALLOWED: &[libc::c_long] = &[
 
 /// Sets `no_new_privs` and installs the allow-list on every thread of the process.
 pub fn apply() -> Result<(), String> {
+    // A static binary has no libc `getrandom` to look up, so the getrandom crate reads
+    // /dev/urandom; opening it here keeps it open for later, when `openat` is gone.
+    getrandom::fill(&mut [0u8; 1]).map_err(|e| format!("entropy source: {e}"))?;
     let rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
     let filter = SeccompFilter::new(
