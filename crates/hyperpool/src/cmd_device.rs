@@ -76,9 +76,8 @@ fn open_disk(d: &DiskConfig) -> Result<Box<dyn VirtioDevice>, Failure> {
 
 fn open_net(cfg: &NetConfig) -> Result<Box<dyn VirtioDevice>, Failure> {
     let pairs = usize::from(cfg.num_queues / 2);
-    let taps = Tap::open_queues(&cfg.tap, pairs).map_err(|e| {
-        Failure::usage(format!("--net tap={}: cannot open the TAP: {e}", cfg.tap))
-    })?;
+    let taps = Tap::open_queues(&cfg.tap, pairs)
+        .map_err(|e| Failure::usage(format!("--net tap={}: cannot open the TAP: {e}", cfg.tap)))?;
     let net = Net::new(taps, cfg.mac)
         .map_err(|e| Failure::usage(format!("--net tap={}: {e}", cfg.tap)))?;
     Ok(Box::new(net))

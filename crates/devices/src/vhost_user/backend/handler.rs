@@ -102,10 +102,6 @@ impl DeviceBackend {
         self.owned = false;
     }
 
-    fn protocol_negotiated(&self) -> bool {
-        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
-    }
-
     fn ring(&mut self, index: u32) -> Result<&mut Ring> {
         self.rings
             .get_mut(index as usize)
@@ -165,7 +161,10 @@ impl DeviceBackend {
             .device
             .activate(self.mem.clone(), virtio_features, queues, interrupt)
         {
-            Ok(()) => self.running = ready,
+            Ok(()) => {
+                tracing::debug!("{}: running rings {ready:?}", self.name);
+                self.running = ready;
+            }
             // Not all the rings this device needs are there yet (net: RX and TX): wait.
             Err(ActivateError::QueueCount { expected, got }) => {
                 self.device.reset();
@@ -250,22 +249,12 @@ impl VhostUserBackendReqHandlerMut for DeviceBackend {
                 features & !offered
             )));
         }
-        let was = self.protocol_negotiated();
+        tracing::debug!("{}: features {features:#x}", self.name);
         if features != self.acked_features {
             // Ring features (EVENT_IDX) are fixed while the device runs.
             self.stop();
         }
         self.acked_features = features;
-        // Without PROTOCOL_FEATURES rings are enabled as soon as they start.
-        if !self.protocol_negotiated() {
-            for r in &mut self.rings {
-                r.enabled = true;
-            }
-        } else if !was {
-            for r in &mut self.rings {
-                r.enabled = false;
-            }
-        }
         self.refresh();
         Ok(())
     }
@@ -394,11 +383,6 @@ impl VhostUserBackendReqHandlerMut for DeviceBackend {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
-        if !self.protocol_negotiated() {
-            return Err(Error::InvalidOperation(
-                "SET_VRING_ENABLE without PROTOCOL_FEATURES",
-            ));
-        }
         self.ring(index)?.enabled = enable;
         self.refresh();
         Ok(())

@@ -24,6 +24,10 @@ pub struct Ring {
     pub base: u16,
     /// Set by SET_VRING_KICK: the ring is started. GET_VRING_BASE stops it again.
     pub kick: Option<EventFd>,
+    /// SET_VRING_ENABLE. The spec has rings start disabled once PROTOCOL_FEATURES is
+    /// negotiated, but QEMU's vhost-user net sends its enables before it sets features (the
+    /// vhost crate refuses them then) and never again: so rings start enabled, as they do in
+    /// libvhost-user and DPDK, and an explicit disable stops one.
     pub enabled: bool,
 }
 
@@ -35,7 +39,7 @@ impl Ring {
             addrs: None,
             base: 0,
             kick: None,
-            enabled: false,
+            enabled: true,
         }
     }
 

@@ -29,6 +29,12 @@ pub fn serve_connection(stream: UnixStream, backend: &SharedBackend) -> Ended {
         match handler.handle_request() {
             Ok(()) => {}
             Err(Error::Disconnected) => break Ended::Disconnected,
+            // A request the negotiation does not allow yet, refused before it did anything:
+            // QEMU's vhost-user net enables rings before it sets features, and enables them
+            // again once it has.
+            Err(e @ (Error::InactiveFeature(_) | Error::InactiveOperation(_))) => {
+                tracing::debug!("ignored a request: {e}");
+            }
             Err(e) => break Ended::Refused(e),
         }
     };
