@@ -7,7 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 const ALLOWED: &[libc::c_long] = &[
     // Memory: the allocator, guest memory mappings, thread stacks.
@@ -36,7 +39,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_fcntl,
     libc::SYS_dup,
     libc::SYS_dup3,
-    libc::SYS_ioctl,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_fallocate,
@@ -101,13 +103,37 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_unlinkat,
 ];
 
+/// The ioctls left: non-blocking sockets (std's `set_nonblocking`, vsock) and the TAP requests a
+/// running virtio-net makes (offloads when the driver's features arrive, the vnet header size,
+/// attaching and detaching multi-queue TAP queues, reading a queue's name).
+const IOCTLS: &[u64] = &[
+    libc::FIONBIO,
+    libc::FIOCLEX,
+    0x4004_54d0, // TUNSETOFFLOAD
+    0x4004_54d8, // TUNSETVNETHDRSZ
+    0x4004_54d9, // TUNSETQUEUE
+    0x8004_54d2, // TUNGETIFF
+];
+
+fn ioctl_rules() -> Result<Vec<SeccompRule>, String> {
+    IOCTLS
+        .iter()
+        .map(|&request| {
+            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                .map_err(|e| format!("seccomp rule: {e}"))?;
+            SeccompRule::new(vec![cond]).map_err(|e| format!("seccomp rule: {e}"))
+        })
+        .collect()
+}
+
 /// Sets `no_new_privs` and installs the allow-list on every thread of the process.
 pub fn apply() -> Result<(), String> {
     // A static binary has no libc `getrandom` to look up, so the getrandom crate reads
     // /dev/urandom; opening it here keeps it open for later, when `openat` is gone.
     getrandom::fill(&mut [0u8; 1]).map_err(|e| format!("entropy source: {e}"))?;
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    rules.insert(libc::SYS_ioctl, ioctl_rules()?);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,

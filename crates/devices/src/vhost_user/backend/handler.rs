@@ -7,6 +7,10 @@
 //! complete (or give back) every chain they take before `reset` returns, so the used ring's
 //! index is where the driver continues. Whenever the set of running rings changes, the device
 //! is reset and activated again with all of them.
+//!
+//! What a reset loses is what it loses in-process too: a disk completes its requests in flight
+//! first; net drops an RX frame that was waiting for buffers (chains it took are handed back
+//! or published, never held); vsock resets its connections.
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
