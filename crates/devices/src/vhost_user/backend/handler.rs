@@ -314,6 +314,10 @@ impl VhostUserBackendReqHandlerMut for DeviceBackend {
             avail: gpa(available, "available ring")?,
             used: gpa(used, "used ring")?,
         };
+        if self.running.contains(&(index as usize)) {
+            // New addresses for a running ring: the device restarts on them.
+            self.stop();
+        }
         self.ring(index)?.addrs = Some(addrs);
         self.refresh();
         Ok(())

@@ -209,6 +209,15 @@ fn rng_request_is_served_through_vhost_user() {
     frontend.set_vring_kick(0, &q.kick).unwrap();
     assert!(wait(&q.call), "pending request served after restart");
     assert_eq!(used_idx(&mem), 3);
+    // Disabled, the ring is not served; enabled again, it is.
+    frontend.set_vring_enable(0, false).unwrap();
+    post(&mem, 3, BUF + 192, 4);
+    q.kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(used_idx(&mem), 3);
+    frontend.set_vring_enable(0, true).unwrap();
+    assert!(wait(&q.call), "served once enabled again");
+    assert_eq!(used_idx(&mem), 4);
     assert!(q.err.read().is_err(), "no error signalled");
     assert_eq!(frontend.get_queue_num().unwrap(), 1);
 
@@ -310,4 +319,47 @@ fn config_reads_are_bounded_and_zero_past_the_device() {
     assert_eq!(bytes, vec![0; 8]);
     drop(frontend);
     assert!(matches!(server.join().unwrap(), Ended::Disconnected));
+}
+
+#[test]
+fn memory_regions_are_checked_added_and_removed() {
+    use super::memory::{MemoryTable, RegionSpec};
+    let spec = |gpa: u64, size: u64, user_addr: u64| RegionSpec {
+        gpa,
+        size,
+        user_addr,
+        offset: 0,
+    };
+    let mut t = MemoryTable::default();
+    t.add(spec(0, MEM_SIZE, VA), memfd(MEM_SIZE)).unwrap();
+    t.add(spec(1 << 30, MEM_SIZE, VA + (1 << 30)), memfd(MEM_SIZE))
+        .unwrap();
+    assert_eq!(t.va_to_gpa(VA + 0x10), Some(0x10));
+    assert_eq!(t.va_to_gpa(VA + (1 << 30) + 8), Some((1 << 30) + 8));
+    assert_eq!(t.va_to_gpa(VA + MEM_SIZE), None, "between the regions");
+    // Guest ranges or frontend addresses that overlap what is there; a pipe (no known size).
+    assert!(
+        t.add(spec(0x1000, 0x1000, VA + (2 << 30)), memfd(MEM_SIZE))
+            .is_err()
+    );
+    assert!(
+        t.add(spec(2 << 30, 0x1000, VA + 0x1000), memfd(MEM_SIZE))
+            .is_err()
+    );
+    let (r, _w) = {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe() writes.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just created and are owned only here.
+        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    };
+    assert!(t.add(spec(2 << 30, 0x1000, VA + (2 << 30)), r).is_err());
+    assert_eq!(t.len(), 2);
+    assert!(t.remove(0, 0x1000).is_err(), "size must match");
+    t.remove(0, MEM_SIZE).unwrap();
+    assert_eq!(t.va_to_gpa(VA + 0x10), None);
+    assert_eq!(t.len(), 1);
+    let mem = t.guest_memory();
+    assert!(mem.read_obj::<u8>(GuestAddress(1 << 30)).is_ok());
+    assert!(mem.read_obj::<u8>(GuestAddress(0)).is_err());
 }
