@@ -3,7 +3,7 @@
 //! the frontend takes: its messages and descriptors, mapping guest memory, eventfds and epoll,
 //! the device's I/O (io_uring and fsync for disks, TAP reads and writes, Unix-socket connects
 //! for vsock, getrandom for rng) and the threads the device runs. Anything else kills the
-//! process: no new files, no exec, no ptrace, no new listening sockets.
+//! process: no new files, no exec, no new processes, no ptrace, no new listening sockets.
 
 use std::collections::BTreeMap;
 
@@ -82,7 +82,6 @@ const ALLOWED: &[libc::c_long] = &[
     // Entropy (virtio-rng, random MACs).
     libc::SYS_getrandom,
     // Threads (device workers) and their end.
-    libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
@@ -126,6 +125,27 @@ fn ioctl_rules() -> Result<Vec<SeccompRule>, String> {
         .collect()
 }
 
+/// `clone` only for threads (CLONE_THREAD): no new processes.
+fn clone_rules() -> Result<Vec<SeccompRule>, String> {
+    let thread = libc::CLONE_THREAD as u64;
+    let cond = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(thread),
+        thread,
+    )
+    .map_err(|e| format!("seccomp rule: {e}"))?;
+    Ok(vec![
+        SeccompRule::new(vec![cond]).map_err(|e| format!("seccomp rule: {e}"))?,
+    ])
+}
+
+fn compile(filter: Result<SeccompFilter, seccompiler::BackendError>) -> Result<BpfProgram, String> {
+    filter
+        .and_then(TryInto::try_into)
+        .map_err(|e| format!("seccomp filter: {e}"))
+}
+
 /// Sets `no_new_privs` and installs the allow-list on every thread of the process.
 pub fn apply() -> Result<(), String> {
     // A static binary has no libc `getrandom` to look up, so the getrandom crate reads
@@ -134,15 +154,22 @@ pub fn apply() -> Result<(), String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
     rules.insert(libc::SYS_ioctl, ioctl_rules()?);
-    let filter = SeccompFilter::new(
+    rules.insert(libc::SYS_clone, clone_rules()?);
+    let allow_list = compile(SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
         SeccompAction::Allow,
         TargetArch::x86_64,
-    )
-    .map_err(|e| format!("seccomp filter: {e}"))?;
-    let program: BpfProgram = filter
-        .try_into()
-        .map_err(|e| format!("seccomp filter: {e}"))?;
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| format!("seccomp: {e}"))
+    ))?;
+    // clone3 takes its flags in memory, which a filter cannot read: it fails with ENOSYS (this
+    // filter's verdict outranks the allow-list's), and glibc falls back to clone.
+    let no_clone3 = compile(SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    ))?;
+    // In this order: the allow-list has no `seccomp` in it.
+    seccompiler::apply_filter_all_threads(&no_clone3).map_err(|e| format!("seccomp: {e}"))?;
+    seccompiler::apply_filter_all_threads(&allow_list).map_err(|e| format!("seccomp: {e}"))
 }
