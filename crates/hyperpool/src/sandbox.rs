@@ -173,3 +173,56 @@ pub fn apply() -> Result<(), String> {
     seccompiler::apply_filter_all_threads(&no_clone3).map_err(|e| format!("seccomp: {e}"))?;
     seccompiler::apply_filter_all_threads(&allow_list).map_err(|e| format!("seccomp: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Command;
+
+    const CHILD: &str = "HYPERPOOL_SANDBOX_CHILD";
+
+    /// Runs `child_runs_in_the_sandbox` in a process of its own doing `what` once sandboxed.
+    fn sandboxed(what: &str) -> std::process::ExitStatus {
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sandbox::tests::child_runs_in_the_sandbox",
+                "--nocapture",
+            ])
+            .args(["--test-threads", "1"])
+            .env(CHILD, what)
+            .status()
+            .unwrap()
+    }
+
+    /// Not a test on its own: the body of the processes `sandboxed` starts.
+    #[test]
+    fn child_runs_in_the_sandbox() {
+        let Ok(what) = std::env::var(CHILD) else {
+            return;
+        };
+        super::apply().unwrap();
+        match what.as_str() {
+            "thread" => std::thread::spawn(|| ()).join().unwrap(),
+            "open" => drop(std::fs::File::open("/etc/hostname")),
+            // SAFETY: the child exits at once; nothing else runs in it.
+            "fork" => unsafe {
+                if libc::fork() == 0 {
+                    libc::_exit(0);
+                }
+            },
+            _ => unreachable!(),
+        }
+        // SAFETY: ends this process with status 7 without unwinding into the harness.
+        unsafe { libc::_exit(7) };
+    }
+
+    #[test]
+    fn threads_run_but_opening_files_and_forking_kill_the_process() {
+        assert_eq!(sandboxed("thread").code(), Some(7), "threads are allowed");
+        for what in ["open", "fork"] {
+            let status = sandboxed(what);
+            assert_eq!(status.signal(), Some(libc::SIGSYS), "{what}: {status:?}");
+        }
+    }
+}
