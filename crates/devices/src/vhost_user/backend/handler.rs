@@ -55,7 +55,6 @@ pub struct DeviceBackend {
     rings: Vec<Ring>,
     fds: SharedRingFds,
     acked_features: u64,
-    protocol: VhostUserProtocolFeatures,
     owned: bool,
     /// The rings the device currently runs (in index order); empty while it is stopped.
     running: Vec<usize>,
@@ -81,7 +80,6 @@ impl DeviceBackend {
             rings,
             fds,
             acked_features: 0,
-            protocol: VhostUserProtocolFeatures::empty(),
             owned: false,
             running: Vec::new(),
         }
@@ -102,7 +100,6 @@ impl DeviceBackend {
             .unwrap_or_else(|e| e.into_inner())
             .replace(GuestMemoryMmap::new());
         self.acked_features = 0;
-        self.protocol = VhostUserProtocolFeatures::empty();
         self.owned = false;
     }
 
@@ -339,11 +336,6 @@ impl VhostUserBackendReqHandlerMut for DeviceBackend {
         let r = &mut self.rings[i];
         r.kick = None;
         let base = r.base;
-        // The frontend's call fd is dropped with the ring (the spec stops it here).
-        self.fds
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_call(i, None);
         self.refresh();
         Ok(VhostUserVringState::new(index, u32::from(base)))
     }
@@ -379,10 +371,9 @@ impl VhostUserBackendReqHandlerMut for DeviceBackend {
         Ok(protocol_features())
     }
 
-    fn set_protocol_features(&mut self, features: u64) -> Result<()> {
-        // Bits we do not know are ignored, as the spec lets the frontend ack only offered ones.
-        self.protocol =
-            VhostUserProtocolFeatures::from_bits_truncate(features) & protocol_features();
+    fn set_protocol_features(&mut self, _features: u64) -> Result<()> {
+        // The vhost crate keeps what was acked and enforces it per request; nothing here
+        // depends on it.
         Ok(())
     }
 
