@@ -519,3 +519,31 @@ fn bad_device_options_are_one_line_and_exit_2() {
         assert_refused(&run_quiet(&args), needle);
     }
 }
+
+#[test]
+fn a_locked_image_or_a_live_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    image(&img);
+    let disk = format!("path={}", img.display());
+    let live = dir.path().join("live.sock");
+    let mut first = Backend::start(&live, &["blk", "--disk", &disk]);
+    let other = dir.path().join("other.sock");
+    assert_refused(
+        &run_quiet(&[
+            "device",
+            "blk",
+            "--socket",
+            other.to_str().unwrap(),
+            "--disk",
+            &disk,
+        ]),
+        "locked by another process",
+    );
+    assert!(!other.exists(), "nothing bound after a refusal");
+    assert_refused(
+        &run_quiet(&["device", "rng", "--socket", live.to_str().unwrap()]),
+        "another process is listening",
+    );
+    first.still_serving();
+}
