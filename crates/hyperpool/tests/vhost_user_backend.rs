@@ -309,6 +309,10 @@ fn rng_serves_after_a_garbage_client_and_sigterm_removes_the_socket() {
     }
     let w = Work::new();
     let mut b = Backend::start(&w.path("rng.sock"), &["rng"]);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&b.socket).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "only the owner may connect");
     for garbage in [
         &[0xffu8; 64][..],
         &[1, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0, 0],
