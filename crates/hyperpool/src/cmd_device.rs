@@ -102,8 +102,14 @@ fn bind(path: &Path) -> Result<UnixListener, Failure> {
         }
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| Failure::usage(format!("--socket {}: {e}", path.display())))?;
+    // Created 0600 (no window in which others could connect), and set so explicitly too.
+    // SAFETY: umask only swaps the process's file mode mask; no other thread exists yet.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener =
+        bound.map_err(|e| Failure::usage(format!("--socket {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Failure::runtime(format!("--socket {}: chmod: {e}", path.display())))?;
     Ok(listener)
