@@ -55,6 +55,9 @@ pub enum Command {
     /// Build guest images.
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// Serve one device to a vhost-user frontend (QEMU, a VMM) from this sandboxed process.
+    #[command(subcommand)]
+    Device(DeviceCommand),
 }
 
 #[derive(Args)]
@@ -241,5 +244,46 @@ pub enum GuestCommand {
     Debian {
         /// Output directory.
         dir: PathBuf,
+    },
+}
+
+/// The vhost-user socket a device backend listens on (one frontend at a time).
+#[derive(Args)]
+pub struct SocketArg {
+    /// Unix socket to listen on (a stale one is replaced; mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// virtio-blk on a raw or qcow2 image.
+    Blk {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// path=FILE[,readonly=on][,num_queues=N][,id=ID][,format=raw|qcow2]
+        #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
+        disk: DiskConfig,
+    },
+    /// virtio-net on a TAP interface.
+    Net {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// tap=NAME[,mac=MAC][,num_queues=N]
+        #[arg(long, value_name = "SPEC", value_parser = parse_net)]
+        net: NetConfig,
+    },
+    /// virtio-vsock on host Unix sockets.
+    Vsock {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// cid=N,socket=PATH
+        #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
+        vsock: VsockConfig,
+    },
+    /// virtio-rng from the host's getrandom.
+    Rng {
+        #[command(flatten)]
+        socket: SocketArg,
     },
 }

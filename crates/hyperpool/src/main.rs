@@ -2,12 +2,14 @@
 
 mod cli;
 mod cmd_console;
+mod cmd_device;
 mod cmd_guest;
 mod cmd_pool;
 mod cmd_run;
 mod cmd_serve;
 mod cmd_vmm;
 mod fd_stream;
+mod sandbox;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         cli::Command::Logs(args) => cmd_pool::logs(args),
         cli::Command::Pool(args) => cmd_pool::pool(args),
         cli::Command::Guest(args) => cmd_guest::run(args),
+        cli::Command::Device(args) => cmd_device::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -346,7 +346,8 @@ fn net_guest_pings_and_runs_iperf3() {
                       iperf3 -c 10.77.0.1 -t 3 -f m > /tmp/iperf.out\n\
                       cat /tmp/iperf.out\n\
                       echo IPERF-MBITS=$(grep receiver /tmp/iperf.out | awk '{print $7}')\n";
-        let (process, device_args) = backend.attach(tap, "52:54:00:77:00:02");
+        let sockets = tempfile::tempdir().unwrap();
+        let (process, device_args) = backend.attach(tap, "52:54:00:77:00:02", &ns, sockets.path());
         let started = Instant::now();
         let run = TcgBoot {
             guest: &guest,
@@ -388,7 +389,8 @@ fn rng_feeds_linux_hwrng() {
                       echo RNG-BYTES=$(dd if=/dev/hwrng bs=1024 count=16 2>/dev/null | wc -c)\n\
                       echo RNG-A=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | sha256sum | cut -c1-64)\n\
                       echo RNG-B=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | sha256sum | cut -c1-64)\n";
-        let (process, device_args) = backend.attach();
+        let sockets = tempfile::tempdir().unwrap();
+        let (process, device_args) = backend.attach(sockets.path());
         let run = TcgBoot {
             guest: &guest,
             script,

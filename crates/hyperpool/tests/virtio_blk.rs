@@ -20,16 +20,6 @@ fn disk_arg(path: &Path, extra: &str) -> String {
     format!("path={}{extra}", path.display())
 }
 
-/// What the probe writes at LBA 1..=8.
-fn pattern() -> Vec<u8> {
-    let mut buf = vec![b'.'; 8 * 512];
-    for (i, sector) in buf.chunks_exact_mut(512).enumerate() {
-        let text = format!("HYPERPOOL-PROBE-{}", i + 1);
-        sector[..text.len()].copy_from_slice(text.as_bytes());
-    }
-    buf
-}
-
 fn probe_blk(disks: &[String]) -> Finished {
     let mut args = vec!["run", "--serial", "tty", "--cmdline", "probe=blk"];
     for d in disks {
@@ -63,7 +53,7 @@ fn probe_writes_pattern_and_readonly_disk_refuses() {
 
     let data = std::fs::read(rw.path()).unwrap();
     assert_eq!(data.len() as u64, IMAGE_SIZE);
-    assert_eq!(&data[512..4608], &pattern()[..]);
+    assert_eq!(&data[512..4608], &blk_pattern()[..]);
     assert!(data[..512].iter().all(|&b| b == 0));
     assert!(data[4608..8192].iter().all(|&b| b == 0));
     let data = std::fs::read(ro.path()).unwrap();
@@ -80,7 +70,7 @@ fn several_queues_still_serve_the_probe() {
     assert_eq!(f.probe_ok("blk"), "disks=1 mq:rw", "{}", f.describe());
     assert_eq!(
         &std::fs::read(img.path()).unwrap()[512..4608],
-        &pattern()[..]
+        &blk_pattern()[..]
     );
 }
 

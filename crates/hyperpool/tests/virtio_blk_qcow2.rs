@@ -10,48 +10,8 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::Command;
 
 const BASE_SIZE: usize = 16 << 20;
-
-fn qemu_img_available() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "qemu-img is needed in CI (apt-get install qemu-utils)"
-        );
-        eprintln!("qemu-img not found: skipping");
-    }
-    ok
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// What the probe writes at LBA 1..=8.
-fn pattern() -> Vec<u8> {
-    let mut buf = vec![b'.'; 8 * 512];
-    for (i, sector) in buf.chunks_exact_mut(512).enumerate() {
-        let text = format!("HYPERPOOL-PROBE-{}", i + 1);
-        sector[..text.len()].copy_from_slice(text.as_bytes());
-    }
-    buf
-}
 
 /// A raw base with a byte per sector that is never the probe's, and `overlay.qcow2` on it.
 fn base_and_overlay(dir: &Path) -> Vec<u8> {
@@ -113,7 +73,7 @@ fn probe_writes_pattern_into_overlay_and_base_is_untouched() {
     );
     let out = std::fs::read(dir.path().join("out.raw")).unwrap();
     assert_eq!(out.len(), BASE_SIZE);
-    assert_eq!(&out[512..4608], &pattern()[..]);
+    assert_eq!(&out[512..4608], &blk_pattern()[..]);
     assert_eq!(&out[..512], &base[..512]);
     assert_eq!(&out[4608..], &base[4608..]);
 }

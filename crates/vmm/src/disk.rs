@@ -40,7 +40,9 @@ pub(crate) fn open(d: &DiskConfig) -> Result<Opened> {
     Ok((Box::new(block), counters))
 }
 
-fn open_image(d: &DiskConfig) -> Result<Block> {
+/// Opens (and locks) a disk image as a virtio-blk device model (also what `hyperpool device blk`
+/// serves out of process).
+pub fn open_image(d: &DiskConfig) -> Result<Block> {
     let is_qcow2 = match d.format {
         Some(DiskFormat::Qcow2) => true,
         Some(DiskFormat::Raw) => false,

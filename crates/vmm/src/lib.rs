@@ -25,5 +25,7 @@ pub mod vcpu;
 mod vhost_user;
 
 pub use config::VmConfig;
+pub use disk::open_image;
 pub use error::Error;
+pub use net::open_tap;
 pub use run::{Outcome, run};

@@ -110,7 +110,9 @@ pub(crate) fn open(cfg: &NetConfig) -> Result<Opened> {
     Ok((Box::new(net), counters))
 }
 
-fn open_tap(cfg: &NetConfig) -> Result<Net> {
+/// Opens a network device's TAP (or its passed fds) as a virtio-net device model (also what
+/// `hyperpool device net` serves out of process).
+pub fn open_tap(cfg: &NetConfig) -> Result<Net> {
     let pairs = usize::from(cfg.num_queues / 2);
     if !cfg.fds.is_empty() {
         let taps = adopted_taps(&cfg.fds).map_err(|e| Error::Config(format!("--net fds: {e}")))?;

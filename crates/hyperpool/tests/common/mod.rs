@@ -199,3 +199,43 @@ pub fn terminate(child: &mut Child, limit: Duration) -> ExitStatus {
 
 /// Probe runs are short; this bounds a hung one.
 pub const PROBE_LIMIT: Duration = Duration::from_secs(120);
+
+/// False (skip) when `qemu-img` (qemu-utils) is missing, unless CI=true, where that is a failure.
+pub fn qemu_img_available() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "qemu-img is needed in CI (apt-get install qemu-utils)"
+        );
+        eprintln!("qemu-img not found: skipping");
+    }
+    ok
+}
+
+pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What the probe's `blk` check writes at LBA 1..=8.
+pub fn blk_pattern() -> Vec<u8> {
+    let mut buf = vec![b'.'; 8 * 512];
+    for (i, sector) in buf.chunks_exact_mut(512).enumerate() {
+        let text = format!("HYPERPOOL-PROBE-{}", i + 1);
+        sector[..text.len()].copy_from_slice(text.as_bytes());
+    }
+    buf
+}

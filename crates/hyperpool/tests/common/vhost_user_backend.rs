@@ -19,14 +19,17 @@ pub enum ImageFormat {
 pub enum BlkBackend {
     /// QEMU's own, independent implementation (`qemu-storage-daemon`).
     QemuStorageDaemon,
+    /// Ours: `hyperpool device blk`.
+    Hyperpool,
 }
 
 impl BlkBackend {
-    pub const ALL: &'static [BlkBackend] = &[BlkBackend::QemuStorageDaemon];
+    pub const ALL: &'static [BlkBackend] = &[BlkBackend::QemuStorageDaemon, BlkBackend::Hyperpool];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::QemuStorageDaemon => "qemu-storage-daemon",
+            Self::Hyperpool => "hyperpool-device-blk",
         }
     }
 
@@ -34,6 +37,7 @@ impl BlkBackend {
     pub fn available(self) -> bool {
         let program = match self {
             Self::QemuStorageDaemon => "qemu-storage-daemon",
+            Self::Hyperpool => return true,
         };
         let ok = Command::new(program)
             .arg("--version")
@@ -59,7 +63,7 @@ impl BlkBackend {
         readonly: bool,
     ) -> BackendProcess {
         let socket = dir.join(format!("{}.sock", self.name()));
-        let mut cmd = match self {
+        let cmd = match self {
             Self::QemuStorageDaemon => {
                 let mut c = Command::new("qemu-storage-daemon");
                 c.arg("--blockdev").arg(format!(
@@ -81,20 +85,23 @@ impl BlkBackend {
                 ));
                 c
             }
+            Self::Hyperpool => {
+                let mut c = Command::new(super::hyperpool());
+                c.args(["device", "blk", "--socket"]).arg(&socket);
+                c.arg("--disk").arg(format!(
+                    "path={}{}{}",
+                    image.display(),
+                    if readonly { ",readonly=on" } else { "" },
+                    if format == ImageFormat::Qcow2 {
+                        ",format=qcow2"
+                    } else {
+                        ""
+                    }
+                ));
+                c
+            }
         };
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.name()));
-        let mut backend = BackendProcess {
-            child,
-            socket,
-            name: self.name(),
-        };
-        backend.wait_for_socket(Duration::from_secs(20));
-        backend
+        BackendProcess::start(cmd, socket, self.name())
     }
 }
 
@@ -106,6 +113,23 @@ pub struct BackendProcess {
 }
 
 impl BackendProcess {
+    /// Runs `cmd`, a backend that will listen on `socket`; returns once the socket is there.
+    pub fn start(mut cmd: Command, socket: PathBuf, name: &'static str) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let mut backend = BackendProcess {
+            child,
+            socket,
+            name,
+        };
+        backend.wait_for_socket(Duration::from_secs(20));
+        backend
+    }
+
     fn wait_for_socket(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while !self.socket.exists() {
@@ -169,21 +193,49 @@ impl Drop for BackendProcess {
 pub enum NetBackend {
     /// QEMU's built-in TAP netdev: the reference the vhost-user-net backends are held to.
     QemuTap,
+    /// Ours: `hyperpool device net` on the TAP, QEMU's `-netdev vhost-user`.
+    Hyperpool,
 }
 
 impl NetBackend {
-    pub const ALL: &'static [NetBackend] = &[NetBackend::QemuTap];
+    pub const ALL: &'static [NetBackend] = &[NetBackend::QemuTap, NetBackend::Hyperpool];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::QemuTap => "qemu-tap",
+            Self::Hyperpool => "hyperpool-device-net",
         }
     }
 
     /// QEMU arguments for a `virtio-net-pci` device with MAC `mac` on `tap` (which exists in
-    /// the namespace QEMU runs in), and the backend process if the backend is one.
-    pub fn attach(self, tap: &str, mac: &str) -> (Option<BackendProcess>, Vec<String>) {
+    /// the namespace `ns`, where QEMU runs too), and the backend process if the backend is one
+    /// (its socket in `dir`).
+    pub fn attach(
+        self,
+        tap: &str,
+        mac: &str,
+        ns: &super::netns::Netns,
+        dir: &Path,
+    ) -> (Option<BackendProcess>, Vec<String>) {
         match self {
+            Self::Hyperpool => {
+                let socket = dir.join("net.sock");
+                let mut cmd = ns.exec(super::hyperpool().to_str().unwrap());
+                cmd.args(["device", "net", "--socket"]).arg(&socket);
+                cmd.arg("--net").arg(format!("tap={tap},mac={mac}"));
+                let backend = BackendProcess::start(cmd, socket.clone(), self.name());
+                (
+                    Some(backend),
+                    vec![
+                        "-chardev".into(),
+                        format!("socket,id=vun,path={}", socket.display()),
+                        "-netdev".into(),
+                        "vhost-user,id=n0,chardev=vun".into(),
+                        "-device".into(),
+                        format!("virtio-net-pci,netdev=n0,mac={mac}"),
+                    ],
+                )
+            }
             Self::QemuTap => (
                 None,
                 vec![
@@ -203,20 +255,39 @@ pub enum RngBackend {
     /// QEMU's built-in virtio-rng on the host's /dev/urandom: the reference the vhost-user-rng
     /// backends are held to.
     QemuBuiltin,
+    /// Ours: `hyperpool device rng`, QEMU's `vhost-user-rng-pci`.
+    Hyperpool,
 }
 
 impl RngBackend {
-    pub const ALL: &'static [RngBackend] = &[RngBackend::QemuBuiltin];
+    pub const ALL: &'static [RngBackend] = &[RngBackend::QemuBuiltin, RngBackend::Hyperpool];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::QemuBuiltin => "qemu-virtio-rng",
+            Self::Hyperpool => "hyperpool-device-rng",
         }
     }
 
-    /// QEMU arguments for the device, and the backend process if the backend is one.
-    pub fn attach(self) -> (Option<BackendProcess>, Vec<String>) {
+    /// QEMU arguments for the device, and the backend process if the backend is one (its
+    /// socket in `dir`).
+    pub fn attach(self, dir: &Path) -> (Option<BackendProcess>, Vec<String>) {
         match self {
+            Self::Hyperpool => {
+                let socket = dir.join("rng.sock");
+                let mut cmd = Command::new(super::hyperpool());
+                cmd.args(["device", "rng", "--socket"]).arg(&socket);
+                let backend = BackendProcess::start(cmd, socket.clone(), self.name());
+                (
+                    Some(backend),
+                    vec![
+                        "-chardev".into(),
+                        format!("socket,id=vur,path={}", socket.display()),
+                        "-device".into(),
+                        "vhost-user-rng-pci,chardev=vur".into(),
+                    ],
+                )
+            }
             Self::QemuBuiltin => (
                 None,
                 vec![

@@ -1,6 +1,10 @@
 //! The virtio-vsock device (id 19): three queues (rx, tx, event), the guest's CID in its
 //! configuration, and a thread that serves the queues and the [`Muxer`]'s host sockets.
 //!
+//! The event queue only carries transport resets (after a migration, which we do not do), so
+//! the device runs on rx and tx alone: a vhost-user frontend (QEMU's vhost-user-vsock) keeps
+//! the event queue to itself and hands the backend only those two.
+//!
 //! The thread waits in one epoll on the queue eventfds and the muxer's epoll fd (so a host
 //! socket wakes it as a guest notification does). It owns the muxer while the device runs and
 //! hands it back when stopped, so the listening socket outlives device resets.
@@ -28,7 +32,6 @@ use crate::virtio::{GuestMemoryHandle, features};
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
 const RX: usize = 0;
 const TX: usize = 1;
-const EVENT: usize = 2;
 const MUXER_TOKEN: u64 = 3;
 const KILL_TOKEN: u64 = u64::MAX;
 
@@ -123,8 +126,8 @@ impl VirtioDevice for Vsock {
                 *slot = Some((q.queue, q.event));
             }
         }
-        let [Some(rx), Some(tx), Some(ev)] = slots else {
-            return Err(ActivateError::QueueCount { expected: 3, got });
+        let [Some(rx), Some(tx), _event] = slots else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
         };
         let Some(muxer) = self.muxer.take() else {
             return Err(ActivateError::Other("vsock muxer lost".into()));
@@ -142,7 +145,6 @@ impl VirtioDevice for Vsock {
             add(kill.as_raw_fd(), KILL_TOKEN)?;
             add(rx.1.as_raw_fd(), RX as u64)?;
             add(tx.1.as_raw_fd(), TX as u64)?;
-            add(ev.1.as_raw_fd(), EVENT as u64)?;
             add(muxer.epoll_fd(), MUXER_TOKEN)?;
             Ok((epoll, kill.try_clone()?))
         })();
@@ -157,8 +159,8 @@ impl VirtioDevice for Vsock {
             muxer,
             mem,
             interrupt,
-            queues: [rx.0, tx.0, ev.0],
-            events: [rx.1, tx.1, ev.1],
+            queues: [rx.0, tx.0],
+            events: [rx.1, tx.1],
             epoll,
             kill: thread_kill,
             buf: vec![0u8; MAX_PKT_DATA as usize],
@@ -198,8 +200,8 @@ struct Thread {
     muxer: Muxer,
     mem: GuestMemoryHandle,
     interrupt: DeviceInterrupt,
-    queues: [Queue; 3],
-    events: [EventFd; 3],
+    queues: [Queue; 2],
+    events: [EventFd; 2],
     epoll: Epoll,
     kill: EventFd,
     buf: Vec<u8>,

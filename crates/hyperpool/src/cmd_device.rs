@@ -1,0 +1,117 @@
+//! `hyperpool device blk|net|vsock|rng --socket PATH`: one device model in its own process,
+//! served to a vhost-user frontend. The device is opened (image locked, TAP attached, vsock
+//! socket bound) and the vhost-user socket bound first; then the process gives up everything
+//! else (no new privileges, a seccomp allow-list) and serves frontends one after another.
+//! SIGTERM or SIGINT remove the socket and exit 0.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hyperpool_devices::vhost_user::backend::{DeviceBackend, serve};
+use hyperpool_devices::virtio::{Rng, VirtioDevice, Vsock};
+use hyperpool_vmm::config::{DiskConfig, NetConfig};
+
+use crate::Failure;
+use crate::cli::DeviceCommand;
+use crate::sandbox;
+
+pub fn run(cmd: DeviceCommand) -> Result<u8, Failure> {
+    let (name, socket, device): (&str, PathBuf, Box<dyn VirtioDevice>) = match cmd {
+        DeviceCommand::Blk { socket, disk } => ("vhost-user-blk", socket.socket, open_disk(&disk)?),
+        DeviceCommand::Net { socket, net } => ("vhost-user-net", socket.socket, open_net(&net)?),
+        DeviceCommand::Vsock { socket, vsock } => {
+            let dev = Vsock::new(u64::from(vsock.cid), &vsock.socket).map_err(|e| {
+                Failure::usage(format!("--vsock socket={}: {e}", vsock.socket.display()))
+            })?;
+            ("vhost-user-vsock", socket.socket, Box::new(dev))
+        }
+        DeviceCommand::Rng { socket } => ("vhost-user-rng", socket.socket, Box::new(Rng::new())),
+    };
+    let listener = bind(&socket)?;
+    remove_on_signal(socket.clone())?;
+    sandbox::apply().map_err(Failure::runtime)?;
+    tracing::info!("{name}: serving on {}", socket.display());
+    let backend = Arc::new(Mutex::new(DeviceBackend::new(name, device)));
+    serve(&listener, &backend, name)
+        .map_err(|e| Failure::runtime(format!("{}: accept: {e}", socket.display())))?;
+    Ok(0)
+}
+
+/// The device models `hyperpool run` would build (same opening, locking and checks); errors are
+/// the user's (exit 2).
+fn open_disk(d: &DiskConfig) -> Result<Box<dyn VirtioDevice>, Failure> {
+    let block = hyperpool_vmm::open_image(d).map_err(|e| Failure::usage(e.to_string()))?;
+    Ok(Box::new(block))
+}
+
+fn open_net(cfg: &NetConfig) -> Result<Box<dyn VirtioDevice>, Failure> {
+    let net = hyperpool_vmm::open_tap(cfg).map_err(|e| Failure::usage(e.to_string()))?;
+    Ok(Box::new(net))
+}
+
+/// Binds the socket, replacing a stale one (a socket file nobody listens on) but never another
+/// kind of file or a live backend's socket.
+fn bind(path: &Path) -> Result<UnixListener, Failure> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Failure::usage(format!(
+                "--socket {}: exists and is not a socket",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Failure::usage(format!(
+                "--socket {}: another process is listening on it",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    // Created 0600 (no window in which others could connect), and set so explicitly too.
+    // SAFETY: umask only swaps the process's file mode mask; no other thread exists yet.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener =
+        bound.map_err(|e| Failure::usage(format!("--socket {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Failure::runtime(format!("--socket {}: chmod: {e}", path.display())))?;
+    Ok(listener)
+}
+
+/// SIGTERM and SIGINT are taken by a thread of their own (blocked everywhere else, so the
+/// device threads spawned later never see them): it removes the socket and exits 0.
+fn remove_on_signal(socket: PathBuf) -> Result<(), Failure> {
+    // SAFETY: a zeroed sigset_t is valid storage for sigemptyset/sigaddset, which only write it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; blocking the two signals in this (the main) thread
+    // before any other thread exists makes every later thread inherit the mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(Failure::runtime(format!(
+            "blocking signals: {}",
+            std::io::Error::from_raw_os_error(rc)
+        )));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` and `sig` are valid for the call; the signals are blocked.
+            while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+            tracing::info!("signal {sig}: removing {} and exiting", socket.display());
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        })
+        .map_err(|e| Failure::runtime(format!("signal thread: {e}")))?;
+    Ok(())
+}
