@@ -9,7 +9,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use hyperpool_devices::vhost_user::backend::{DeviceBackend, serve};
+use hyperpool_devices::vhost_user::backend::{DeviceBackend, SharedBackend, serve};
 use hyperpool_devices::virtio::{Rng, VirtioDevice, Vsock};
 use hyperpool_vmm::config::{DiskConfig, NetConfig};
 
@@ -30,10 +30,10 @@ pub fn run(cmd: DeviceCommand) -> Result<u8, Failure> {
         DeviceCommand::Rng { socket } => ("vhost-user-rng", socket.socket, Box::new(Rng::new())),
     };
     let listener = bind(&socket)?;
-    remove_on_signal(socket.clone())?;
+    let backend = Arc::new(Mutex::new(DeviceBackend::new(name, device)));
+    close_on_signal(socket.clone(), backend.clone())?;
     sandbox::apply().map_err(Failure::runtime)?;
     tracing::info!("{name}: serving on {}", socket.display());
-    let backend = Arc::new(Mutex::new(DeviceBackend::new(name, device)));
     serve(&listener, &backend, name)
         .map_err(|e| Failure::runtime(format!("{}: accept: {e}", socket.display())))?;
     Ok(0)
@@ -84,8 +84,9 @@ fn bind(path: &Path) -> Result<UnixListener, Failure> {
 }
 
 /// SIGTERM and SIGINT are taken by a thread of their own (blocked everywhere else, so the
-/// device threads spawned later never see them): it removes the socket and exits 0.
-fn remove_on_signal(socket: PathBuf) -> Result<(), Failure> {
+/// device threads spawned later never see them): it removes the socket, closes the device
+/// (requests in flight finish, a qcow2 image's tables are written out) and exits 0.
+fn close_on_signal(socket: PathBuf, backend: SharedBackend) -> Result<(), Failure> {
     // SAFETY: a zeroed sigset_t is valid storage for sigemptyset/sigaddset, which only write it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; blocking the two signals in this (the main) thread
@@ -110,6 +111,7 @@ fn remove_on_signal(socket: PathBuf) -> Result<(), Failure> {
             while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
             tracing::info!("signal {sig}: removing {} and exiting", socket.display());
             let _ = std::fs::remove_file(&socket);
+            backend.lock().unwrap_or_else(|e| e.into_inner()).close();
             std::process::exit(0);
         })
         .map_err(|e| Failure::runtime(format!("signal thread: {e}")))?;

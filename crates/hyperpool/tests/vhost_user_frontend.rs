@@ -1,10 +1,11 @@
 //! Hyperpool as a vhost-user frontend: the probe guest's virtio-blk check against a disk served
 //! by another process over vhost-user, with QEMU's `qemu-storage-daemon` as an independent
-//! backend. The pattern the probe writes is on the host image afterwards; a read-only export
-//! reaches the guest as VIRTIO_BLK_F_RO; a backend killed with SIGKILL while the VM runs leaves
-//! the VMM up and its API answering, and a backend started again on the socket is reconnected
-//! (mid-I/O: the driver's reset recovers the device); a socket nobody serves is one line and
-//! exit 2; a vhost-user disk can be hot-added to a VM with shared memory.
+//! backend and ours (`hyperpool device blk`). The pattern the probe writes is on the host image
+//! afterwards; a read-only export reaches the guest as VIRTIO_BLK_F_RO; a backend killed with
+//! SIGKILL while the VM runs leaves the VMM up and its API answering, and a backend started
+//! again on the socket is reconnected (mid-I/O: the driver's reset recovers the device); a
+//! socket nobody serves is one line and exit 2; a vhost-user disk can be hot-added to a VM with
+//! shared memory.
 //!
 //! The backend is a parameter ([`Backend`]): any program that serves vhost-user-blk for an
 //! image on a socket can be run through the same tests.
@@ -40,6 +41,18 @@ fn qemu_storage_daemon(image: &Path, socket: &Path, writable: bool) -> Command {
             socket.display(),
             if writable { "on" } else { "off" }
         ));
+    c
+}
+
+/// Ours: `hyperpool device blk`, so a Hyperpool VM with its disk in a process of its own.
+fn hyperpool_device(image: &Path, socket: &Path, writable: bool) -> Command {
+    let mut c = Command::new(hyperpool());
+    c.args(["device", "blk", "--socket"]).arg(socket);
+    c.arg("--disk").arg(format!(
+        "path={}{}",
+        image.display(),
+        if writable { "" } else { ",readonly=on" }
+    ));
     c
 }
 
@@ -183,9 +196,23 @@ fn probe_blk_via_qemu_storage_daemon() {
 }
 
 #[test]
+fn probe_blk_via_hyperpool_device() {
+    if kvm_available() {
+        probe_blk_through(hyperpool_device);
+    }
+}
+
+#[test]
 fn readonly_export_is_a_readonly_disk() {
     if kvm_available() && qsd_available() {
         probe_blk_readonly_through(qemu_storage_daemon);
+    }
+}
+
+#[test]
+fn readonly_hyperpool_device_is_a_readonly_disk() {
+    if kvm_available() {
+        probe_blk_readonly_through(hyperpool_device);
     }
 }
 
@@ -284,6 +311,13 @@ fn backend_killed_while_the_vm_runs() {
     }
 }
 
+#[test]
+fn hyperpool_device_killed_while_the_vm_runs() {
+    if kvm_available() {
+        backend_death_and_return(hyperpool_device);
+    }
+}
+
 /// A VM started with shared memory takes a vhost-user disk by hotplug; the backend is
 /// connected when the request answers.
 fn hot_add(backend: Backend) {
@@ -316,6 +350,13 @@ fn hot_add(backend: Backend) {
 fn vhost_user_disk_by_hotplug() {
     if kvm_available() && qsd_available() {
         hot_add(qemu_storage_daemon);
+    }
+}
+
+#[test]
+fn hyperpool_device_disk_by_hotplug() {
+    if kvm_available() {
+        hot_add(hyperpool_device);
     }
 }
 
@@ -378,6 +419,13 @@ fn backend_death_mid_io(backend: Backend) {
 fn backend_killed_mid_io_then_the_driver_reset_recovers() {
     if kvm_available() && qsd_available() {
         backend_death_mid_io(qemu_storage_daemon);
+    }
+}
+
+#[test]
+fn hyperpool_device_killed_mid_io_then_the_driver_reset_recovers() {
+    if kvm_available() {
+        backend_death_mid_io(hyperpool_device);
     }
 }
 

@@ -103,6 +103,18 @@ impl DeviceBackend {
         self.owned = false;
     }
 
+    /// The process is going: stop the device and drop it, so that what it holds is written out
+    /// and closed (a qcow2 image's cached tables, its lock). Later frontends find no queues.
+    pub fn close(&mut self) {
+        self.disconnect();
+        let device_type = self.device.device_type();
+        drop(std::mem::replace(
+            &mut self.device,
+            Box::new(Closed { device_type }),
+        ));
+        self.rings.clear();
+    }
+
     fn ring(&mut self, index: u32) -> Result<&mut Ring> {
         self.rings
             .get_mut(index as usize)
@@ -479,4 +491,35 @@ impl VhostUserBackendReqHandlerMut for DeviceBackend {
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
         unsupported("dirty logging")
     }
+}
+
+/// What a [`DeviceBackend`] serves after [`DeviceBackend::close`]: no queues, never starts.
+struct Closed {
+    device_type: u32,
+}
+
+impl VirtioDevice for Closed {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn activate(
+        &mut self,
+        _mem: GuestMemoryHandle,
+        _features: u64,
+        _queues: Vec<crate::virtio::ActivatedQueue>,
+        _interrupt: DeviceInterrupt,
+    ) -> std::result::Result<(), ActivateError> {
+        Err(ActivateError::Other("the device was closed".into()))
+    }
+
+    fn reset(&mut self) {}
 }
