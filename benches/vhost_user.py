@@ -5,7 +5,7 @@ The guest is the probe's `bench-blk` (ring 3, polling: see io.py), on the same i
 configuration, one after another in each run:
 
   hyperpool      hyperpool run --disk path=IMG                          (device in the VMM)
-  hp+vu          hyperpool run --disk vhost_user=true,socket=S
+  hp+vu          hyperpool run --disk vhost_user=true,socket=S,queue_size=256
                  + hyperpool device blk --socket S --disk path=IMG       (device in its own process)
   qemu           QEMU's built-in virtio-blk-pci (aio=threads, cache as Hyperpool's)
   qemu+vu(hp)    QEMU's vhost-user-blk-pci + hyperpool device blk        (our backend, QEMU's frontend)
@@ -147,7 +147,8 @@ class Bench:
             return vm.wait().probe("bench-blk")
         if config == "hp+vu":
             backend = self.hp_backend()
-            return self.with_backend(backend, self.hp_cmd(f"vhost_user=true,socket={self.socket}"),
+            return self.with_backend(backend, self.hp_cmd(
+                f"vhost_user=true,socket={self.socket},queue_size=256"),
                                      learn=True)
         if config == "qemu":
             self.settle()
@@ -156,7 +157,7 @@ class Bench:
                           "aio=threads",
                 "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"])).wait().probe("bench-blk")
         vu = ["-chardev", f"socket,id=c0,path={self.socket}",
-              "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1,disable-legacy=on"]
+              "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1,queue-size=256,disable-legacy=on"]
         backend = self.hp_backend() if config == "qemu+vu(hp)" else self.qsd_backend()
         return self.with_backend(backend, self.qemu_cmd(vu))
 
