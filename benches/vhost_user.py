@@ -15,12 +15,20 @@ Target: hp+vu >= 0.9x hyperpool (out of process costs at most 10% of the IOPS).
 QEMU runs `-accel kvm -M q35` with its RAM in a shared memfd (vhost-user needs it); SeaBIOS takes
 ~8 s under PVM, outside the measured phases.
 
-Usage: benches/vhost_user.py [--runs N] [--ms MS] [--image-mib N] [--no-qemu]
-Needs: qemu-system-x86 and qemu-storage-daemon (scripts/setup-host.sh), /dev/kvm.
+With --linux, also Linux's own virtio-blk driver under QEMU's emulator (TCG) running fio
+(4 KiB random reads, libaio, O_DIRECT, queue depth 32) on the same image, with QEMU's built-in
+virtio-blk and with vhost-user-blk on `hyperpool device blk`. TCG emulates the guest, so this
+mostly measures the emulated guest; it shows that the backend keeps up with a real driver.
+
+Usage: benches/vhost_user.py [--runs N] [--ms MS] [--image-mib N] [--no-qemu] [--linux]
+Needs: qemu-system-x86 and qemu-storage-daemon (scripts/setup-host.sh), /dev/kvm; --linux also
+the project's Debian guest (built with `hyperpool guest debian DIR` if --debian DIR lacks it).
 """
 
 import argparse
+import gzip
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -162,6 +170,87 @@ class Bench:
         return self.with_backend(backend, self.qemu_cmd(vu))
 
 
+LINUX_FIO_SECONDS = 10
+LINUX_LIMIT = 300  # seconds for one TCG boot, fio included
+
+
+def newc_archive(files):
+    """A cpio archive (newc, as the kernel unpacks it) holding `files` {name: bytes}."""
+    out = bytearray()
+
+    def entry(name, data, mode):
+        name_b = name.encode() + b"\0"
+        fields = [1, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name_b), 0]
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + name_b)
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for name, data in files.items():
+        entry(name, data, 0o100755)
+    entry("TRAILER!!!", b"", 0)
+    return bytes(out)
+
+
+class LinuxFio:
+    """fio in the Debian guest under TCG, on the benchmark's image."""
+
+    SCRIPT = (f"fio --name=r --filename=/dev/vda --rw=randread --bs=4k --iodepth=32 "
+              f"--ioengine=libaio --direct=1 --runtime={LINUX_FIO_SECONDS} --time_based "
+              f"--output-format=terse --terse-version=3 > /tmp/fio.out\n"
+              "echo FIO-READ-IOPS=$(cut -d';' -f8 /tmp/fio.out)\n")
+
+    def __init__(self, bench, guest_dir, work):
+        self.bench = bench
+        self.initrd = os.path.join(work, "initrd")
+        parts = [gzip.compress(newc_archive({"test.sh": self.SCRIPT.encode()}))]
+        for name in ("initramfs.cpio.gz", "tools.cpio.gz"):
+            with open(os.path.join(guest_dir, name), "rb") as f:
+                parts.append(f.read())
+        with open(self.initrd, "wb") as f:
+            f.write(b"".join(parts))
+        self.kernel = os.path.join(guest_dir, "vmlinuz")
+
+    def run(self, config):
+        b = self.bench
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-M", "q35,memory-backend=mem",
+               "-cpu", "max", "-m", f"{MEMORY_MIB}M",
+               "-object", f"memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on",
+               "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+               "-nodefaults", "-kernel", self.kernel, "-initrd", self.initrd,
+               "-append", "console=ttyS0 panic=-1 loglevel=4"]
+        backend = None
+        if config == "qemu":
+            cmd += ["-drive", f"if=none,id=d0,file={b.image},format=raw,cache={b.cache},"
+                              "aio=threads",
+                    "-device", "virtio-blk-pci,drive=d0"]
+        else:
+            backend = b.hp_backend()
+            cmd += ["-chardev", f"socket,id=c0,path={b.socket}",
+                    "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
+        b.settle()
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=LINUX_LIMIT)
+        finally:
+            if backend:
+                backend.stop()
+        m = re.search(r"FIO-READ-IOPS=(\d+)", out.stdout)
+        if not m:
+            die(f"fio under TCG ({config}) printed no result\n$ {' '.join(cmd)}\n"
+                f"{out.stdout[-3000:]}\n{out.stderr[-1000:]}")
+        return {"fio_randread_iops": float(m.group(1))}
+
+
+def report_linux(results):
+    n = len(next(iter(results.values())))
+    print(f"\nLinux under TCG, fio randread 4k qd32 ({LINUX_FIO_SECONDS} s), min / median / max "
+          f"over {n} runs")
+    stats = {c: summary([r["fio_randread_iops"] for r in rs]) for c, rs in results.items()}
+    for c, s in stats.items():
+        print(f"  {c:<14}{' / '.join(fmt(v) for v in s):>30} IOPS")
+    print(f"  ratio qemu+vu(hp) / qemu: {stats['qemu+vu(hp)'][1] / stats['qemu'][1]:.2f}x")
+
+
 def report(results):
     n = len(next(iter(results.values())))
     print(f"\nbench-blk, min / median / max over {n} runs (load average now "
@@ -190,6 +279,10 @@ def main():
     ap.add_argument("--ms", type=int, default=2000, help="length of each timed phase")
     ap.add_argument("--image-mib", type=int, default=1024, help="image size (the bench region)")
     ap.add_argument("--no-qemu", action="store_true", help="only Hyperpool's two configurations")
+    ap.add_argument("--linux", action="store_true",
+                    help="also fio in the Debian guest under QEMU TCG (slow: a boot per run)")
+    ap.add_argument("--debian", default=os.path.join(ROOT, "target/debian-guest"),
+                    help="the Debian guest's directory (built there if missing)")
     ap.add_argument("--dir", help="work directory (not tmpfs: O_DIRECT; default: a new one "
                                   "under /var/tmp, removed afterwards)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the guest's detail lines")
@@ -225,6 +318,20 @@ def main():
             print(f"run {i + 1}/{args.runs}: " + "  ".join(
                 f"{c}: {fmt(r[-1][ROWS[0][0]])}" for c, r in results.items()))
         report(results)
+        if args.linux:
+            if not all(os.path.exists(os.path.join(args.debian, f))
+                       for f in ("vmlinuz", "initramfs.cpio.gz", "tools.cpio.gz")):
+                print(f"building the Debian guest in {args.debian}")
+                if subprocess.run([args.hyperpool, "guest", "debian", args.debian]).returncode:
+                    die("hyperpool guest debian failed")
+            linux = LinuxFio(bench, args.debian, work)
+            lres = {"qemu": [], "qemu+vu(hp)": []}
+            for i in range(args.runs):
+                for c in lres:
+                    lres[c].append(linux.run(c))
+                print(f"linux run {i + 1}/{args.runs}: " + "  ".join(
+                    f"{c}: {fmt(r[-1]['fio_randread_iops'])}" for c, r in lres.items()))
+            report_linux(lres)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
