@@ -452,3 +452,67 @@ fn bad_vhost_user_input_is_one_line() {
     let f = run_quiet(&["run", "--disk", "vhost_user=true"]);
     assert_refused(&f, "needs socket=PATH");
 }
+
+/// The probe's UDP echo with its network card served out of process: `hyperpool device net` on
+/// a TAP inside a test namespace, the VMM (outside it) as the vhost-user frontend.
+#[test]
+fn probe_udp_echo_through_hyperpool_device_net() {
+    use common::netns::{Netns, ip, netns_available};
+    if !kvm_available() || !netns_available() {
+        return;
+    }
+    const TAP: &str = "hpvunet0";
+    const MAC: &str = "52:54:00:12:34:57";
+    let mut ns = Netns::new("vunet");
+    ns.start_udp_echo();
+    for args in [
+        ["tuntap", "add", "dev", TAP, "mode", "tap"].as_slice(),
+        ["addr", "add", "10.77.0.1/24", "dev", TAP].as_slice(),
+        ["link", "set", TAP, "up"].as_slice(),
+    ] {
+        let mut full = vec!["-n", ns.name.as_str()];
+        full.extend_from_slice(args);
+        assert!(ip(&full), "ip {}", full.join(" "));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    let backend = ns
+        .exec(hyperpool().to_str().unwrap())
+        .args(["device", "net", "--socket"])
+        .arg(&socket)
+        .args(["--net", &format!("tap={TAP},mac={MAC}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start hyperpool device net");
+    let _backend = Running { child: backend };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the backend never made its socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let net = format!("vhost_user=true,socket={},mac={MAC}", socket.display());
+    let out = run(
+        &[
+            "run",
+            "--serial",
+            "tty",
+            "--cmdline",
+            "probe=net",
+            "--net",
+            &net,
+        ],
+        PROBE_LIMIT,
+    );
+    assert_eq!(out.code(), 0, "{}", out.describe());
+    assert_eq!(
+        out.probe_ok("net"),
+        format!("mac={MAC} echo=15"),
+        "{}",
+        out.describe()
+    );
+}
