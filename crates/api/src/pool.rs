@@ -30,6 +30,10 @@ pub struct VmSpec {
     pub vsock: Option<VsockSpec>,
     #[serde(default)]
     pub rng: bool,
+    /// The VM's disks and TAP network cards served by sandboxed device processes of their own
+    /// (vhost-user) rather than inside its VMM.
+    #[serde(default)]
+    pub device_processes: bool,
     #[serde(default)]
     pub restart: RestartPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]

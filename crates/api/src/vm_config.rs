@@ -27,6 +27,10 @@ pub struct VmConfig {
     pub console: Option<ConsoleConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// Hyperpool's extension (`x_`, as Cloud Hypervisor marks its experimental fields): serve
+    /// the disks and TAP network cards from device processes of their own over vhost-user.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub x_device_processes: bool,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }

@@ -137,6 +137,9 @@ pub fn vm_config(spec: &VmSpec, layout: &Layout) -> Result<api::VmConfig, String
     if spec.rng {
         cfg["rng"] = json!({"src": "/dev/urandom"});
     }
+    if spec.device_processes {
+        cfg["x_device_processes"] = json!(true);
+    }
     if let Some(v) = &spec.vsock {
         cfg["vsock"] = json!({"cid": v.cid, "socket": v.socket});
     }

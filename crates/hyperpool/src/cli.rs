@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// Add a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     pub rng: bool,
+    /// Serve the disks and TAP network cards from sandboxed device processes of their own
+    /// (`hyperpool device`, over vhost-user) instead of inside the VMM.
+    #[arg(long)]
+    pub device_processes: bool,
     /// A virtio-vsock device: cid=N,socket=PATH (host side on Unix sockets, Firecracker's
     /// hybrid convention).
     #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
@@ -210,6 +214,9 @@ pub struct CreateArgs {
     /// Add a virtio-rng device.
     #[arg(long)]
     pub rng: bool,
+    /// Serve the disks and TAP network cards from sandboxed device processes of their own.
+    #[arg(long)]
+    pub device_processes: bool,
     /// What the daemon does when the VM ends by itself.
     #[arg(long, value_enum)]
     pub restart: Option<RestartArg>,
@@ -253,6 +260,10 @@ pub struct SocketArg {
     /// Unix socket to listen on (a stale one is replaced; mode 0600).
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
+    /// Close the device and exit when this inherited fd (a pipe's read end) reads end-of-file:
+    /// how a VMM that started this process takes it along when it goes, even by SIGKILL.
+    #[arg(long, value_name = "FD")]
+    pub exit_with_fd: Option<i32>,
 }
 
 #[derive(Subcommand)]

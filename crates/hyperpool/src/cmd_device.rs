@@ -4,6 +4,7 @@
 //! else (no new privileges, a seccomp allow-list) and serves frontends one after another.
 //! SIGTERM or SIGINT remove the socket and exit 0.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -14,29 +15,82 @@ use hyperpool_devices::virtio::{Rng, VirtioDevice, Vsock};
 use hyperpool_vmm::config::{DiskConfig, NetConfig};
 
 use crate::Failure;
-use crate::cli::DeviceCommand;
+use crate::cli::{DeviceCommand, SocketArg};
 use crate::sandbox;
 
 pub fn run(cmd: DeviceCommand) -> Result<u8, Failure> {
-    let (name, socket, device): (&str, PathBuf, Box<dyn VirtioDevice>) = match cmd {
-        DeviceCommand::Blk { socket, disk } => ("vhost-user-blk", socket.socket, open_disk(&disk)?),
-        DeviceCommand::Net { socket, net } => ("vhost-user-net", socket.socket, open_net(&net)?),
+    let (name, socket, device): (&str, SocketArg, Box<dyn VirtioDevice>) = match cmd {
+        DeviceCommand::Blk { socket, disk } => ("vhost-user-blk", socket, open_disk(&disk)?),
+        DeviceCommand::Net { socket, net } => ("vhost-user-net", socket, open_net(&net)?),
         DeviceCommand::Vsock { socket, vsock } => {
             let dev = Vsock::new(u64::from(vsock.cid), &vsock.socket).map_err(|e| {
                 Failure::usage(format!("--vsock socket={}: {e}", vsock.socket.display()))
             })?;
-            ("vhost-user-vsock", socket.socket, Box::new(dev))
+            ("vhost-user-vsock", socket, Box::new(dev))
         }
-        DeviceCommand::Rng { socket } => ("vhost-user-rng", socket.socket, Box::new(Rng::new())),
+        DeviceCommand::Rng { socket } => ("vhost-user-rng", socket, Box::new(Rng::new())),
     };
+    let SocketArg {
+        socket,
+        exit_with_fd,
+    } = socket;
+    let lifeline = exit_with_fd.map(adopt_lifeline).transpose()?;
     let listener = bind(&socket)?;
     let backend = Arc::new(Mutex::new(DeviceBackend::new(name, device)));
     close_on_signal(socket.clone(), backend.clone())?;
+    if let Some(fd) = lifeline {
+        close_with_parent(fd, socket.clone(), backend.clone())?;
+    }
     sandbox::apply().map_err(Failure::runtime)?;
     tracing::info!("{name}: serving on {}", socket.display());
     serve(&listener, &backend, name)
         .map_err(|e| Failure::runtime(format!("{}: accept: {e}", socket.display())))?;
     Ok(0)
+}
+
+/// Takes ownership of the inherited `--exit-with-fd`, which must be an open pipe.
+fn adopt_lifeline(fd: i32) -> Result<OwnedFd, Failure> {
+    let bad = || Failure::usage(format!("--exit-with-fd {fd}: not an inherited pipe"));
+    if fd < 3 {
+        return Err(bad());
+    }
+    // SAFETY: an all-zero stat struct is valid storage for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes the status of `fd` into `st`; a number that is not an open fd
+    // gives EBADF.
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    if rc != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(bad());
+    }
+    // SAFETY: the fd is open (fstat succeeded), was inherited for this purpose, and nothing
+    // else in this process refers to it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A thread that waits for the parent's end of `lifeline` to close, then removes the socket,
+/// closes the device (requests finish, tables are written out) and exits 0.
+fn close_with_parent(
+    lifeline: OwnedFd,
+    socket: PathBuf,
+    backend: SharedBackend,
+) -> Result<(), Failure> {
+    std::thread::Builder::new()
+        .name("lifeline".into())
+        .spawn(move || {
+            let mut pipe = std::fs::File::from(lifeline);
+            let mut buf = [0u8; 64];
+            // Nothing is ever written: any return means the writer is gone (or the pipe broke).
+            while matches!(std::io::Read::read(&mut pipe, &mut buf), Ok(n) if n > 0) {}
+            tracing::info!(
+                "the parent is gone: removing {} and exiting",
+                socket.display()
+            );
+            let _ = std::fs::remove_file(&socket);
+            backend.lock().unwrap_or_else(|e| e.into_inner()).close();
+            std::process::exit(0);
+        })
+        .map(|_| ())
+        .map_err(|e| Failure::runtime(format!("lifeline thread: {e}")))
 }
 
 /// The device models `hyperpool run` would build (same opening, locking and checks); errors are

@@ -140,6 +140,7 @@ fn spec_from(args: &CreateArgs) -> Result<VmSpec, Failure> {
         });
     }
     spec.rng |= args.rng;
+    spec.device_processes |= args.device_processes;
     if let Some(r) = args.restart {
         spec.restart = match r {
             RestartArg::Never => RestartPolicy::Never,

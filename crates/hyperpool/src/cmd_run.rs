@@ -24,6 +24,7 @@ pub fn config(args: RunArgs) -> VmConfig {
         },
         dump_acpi: args.dump_acpi,
         rng: args.rng,
+        device_processes: args.device_processes,
         vsock: args.vsock,
         disks: args.disks,
         nets: args.nets,
@@ -33,6 +34,7 @@ pub fn config(args: RunArgs) -> VmConfig {
 pub fn run(args: RunArgs, start: Instant) -> Result<u8, Failure> {
     let cfg = config(args);
     let result = hyperpool_vmm::run(&cfg, start);
+    hyperpool_vmm::device_processes::stop_all();
     // The terminal must be usable before anything below prints.
     serial_io::restore_terminal();
     match result {

@@ -42,7 +42,13 @@ pub fn run(args: VmmArgs, start: Instant) -> Result<u8, Failure> {
             .map_err(|e| Failure::runtime(format!("starting the API thread: {e}")))?
     };
     tracing::info!("API on {}", path.display());
+    if let Some(dir) = path.parent() {
+        hyperpool_vmm::device_processes::place_sockets_in(
+            dir.join(format!("devices-{}", std::process::id())),
+        );
+    }
     let result = control::serve(events, inbox, start);
+    hyperpool_vmm::device_processes::stop_all();
     // Let the last response (e.g. to vmm.shutdown) leave before the process ends.
     let _ = stop_server.send(());
     let deadline = Instant::now() + Duration::from_secs(2);

@@ -762,3 +762,88 @@ fn concurrent_starts_all_run_and_are_durable_when_acknowledged() {
     }
     assert!(vmm_processes(&daemon.state).is_empty());
 }
+
+/// The `hyperpool device` processes serving a VMM's devices (its children).
+fn device_processes_of(vmm: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(vmm)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0device\0blk\0"))
+        })
+        .collect()
+}
+
+/// `--device-processes`: the VM's disk is served by a sandboxed child of its VMM (the guest's
+/// blk check writes through it to the image); killing the VMM takes the child along, and the
+/// removed VM leaves neither processes nor files.
+#[test]
+fn a_vm_with_device_processes_serves_its_disk_from_a_child() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; 16 << 20]).unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let disk = format!("path={}", image.display());
+    daemon.ok(&[
+        "create",
+        "dp",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "probe=blk,idle",
+        "--disk",
+        &disk,
+        "--device-processes",
+        "--start",
+    ]);
+    wait_for("the blk check", || {
+        daemon.ok(&["logs", "dp"]).contains("PROBE idle ready")
+    });
+    let logs = daemon.ok(&["logs", "dp"]);
+    assert!(logs.contains("PROBE blk ok disks=1 "), "{logs}");
+    let written = std::fs::read(&image).unwrap();
+    assert_eq!(&written[512..528], b"HYPERPOOL-PROBE-", "{logs}");
+
+    let vmm = pid(&daemon.record("dp"));
+    let children = device_processes_of(vmm);
+    assert_eq!(children.len(), 1, "device processes of {vmm}: {children:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", children[0])).unwrap();
+    assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+    assert!(status.contains("\nNoNewPrivs:\t1\n"), "{status}");
+    // The VMM no longer has the image open: the child does.
+    let holds_image = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == image))
+    };
+    assert!(!holds_image(vmm));
+    assert!(holds_image(children[0]));
+
+    // A killed VMM takes its device process along (its lifeline pipe reads end-of-file).
+    kill9(vmm);
+    wait_for("the device process to exit", || {
+        !Path::new(&format!("/proc/{}", children[0])).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", children[0]))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    wait_for("the VM to be marked crashed", || {
+        daemon.record("dp")["status"] != "running"
+    });
+    daemon.ok(&["rm", "dp"]);
+    let left: Vec<_> = std::fs::read_dir(daemon.state.join("vms"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "files left: {left:?}");
+}

@@ -516,3 +516,44 @@ fn probe_udp_echo_through_hyperpool_device_net() {
         out.describe()
     );
 }
+
+/// `hyperpool run --device-processes`: the disk is served by a `hyperpool device blk` child;
+/// the probe's pattern reaches the image, and the child and its socket are gone afterwards.
+#[test]
+fn run_with_device_processes() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 0);
+    let disk = format!("path={}", img.display());
+    let f = run(
+        &[
+            "run",
+            "--serial",
+            "tty",
+            "--cmdline",
+            "probe=blk",
+            "--device-processes",
+            "--disk",
+            &disk,
+        ],
+        PROBE_LIMIT,
+    );
+    assert_eq!(f.code(), 0, "{}", f.describe());
+    assert!(f.probe_ok("blk").ends_with(":rw"), "{}", f.describe());
+    assert!(f.stderr.contains("blk device process"), "{}", f.describe());
+    let data = std::fs::read(&img).unwrap();
+    assert_eq!(&data[512..512 + 8 * 512], pattern().as_slice());
+    let pid = f
+        .stderr
+        .split("blk device process ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .expect("the device process's pid in the log");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "device process {pid} outlived the VMM"
+    );
+}

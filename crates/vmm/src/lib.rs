@@ -8,6 +8,7 @@ pub mod config;
 mod console_socket;
 pub mod control;
 mod counters;
+pub mod device_processes;
 mod disk;
 mod emulate;
 pub mod error;

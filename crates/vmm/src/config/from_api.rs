@@ -21,6 +21,7 @@ pub fn from_api(cfg: &api::VmConfig) -> Result<VmConfig, String> {
         cmdline: cfg.payload.cmdline.clone(),
         // A guest reset reboots the VM, as in Cloud Hypervisor.
         on_reboot: OnReboot::Restart,
+        device_processes: cfg.x_device_processes,
         ..VmConfig::default()
     };
     if let Some(c) = &cfg.cpus {

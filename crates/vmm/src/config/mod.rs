@@ -105,6 +105,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices on TAP interfaces, in PCI slot order.
     pub nets: Vec<NetConfig>,
+    /// Serve the disks and TAP network cards from device processes of their own over vhost-user
+    /// (see `device_processes`); guest RAM is then shared.
+    pub device_processes: bool,
 }
 
 /// A virtio-blk disk on a raw image (`--disk path=FILE[,readonly=on][,num_queues=N][,id=ID]`),
@@ -185,6 +188,7 @@ impl VmConfig {
     /// Whether guest RAM must be shareable with another process.
     pub fn shared_memory(&self) -> bool {
         self.memory.shared
+            || self.device_processes
             || self.disks.iter().any(|d| d.vhost_user.is_some())
             || self.nets.iter().any(|n| n.vhost_user.is_some())
     }

@@ -24,6 +24,11 @@ impl Controller {
             return Err(ActionError::new(500, "the added disk is missing"));
         };
         self.need_free_slot()?;
+        let disk_cfg = &if cfg.device_processes {
+            crate::device_processes::disk(disk_cfg).map_err(|e| user_error(&e.to_string()))?
+        } else {
+            disk_cfg.clone()
+        };
         self.need_shared_memory(disk_cfg.vhost_user.is_some())?;
         let (block, counters) =
             crate::disk::open(disk_cfg).map_err(|e| user_error(&e.to_string()))?;
@@ -38,6 +43,11 @@ impl Controller {
             return Err(ActionError::new(500, "the added network device is missing"));
         };
         self.need_free_slot()?;
+        let net_cfg = &if cfg.device_processes {
+            crate::device_processes::net(net_cfg).map_err(|e| user_error(&e.to_string()))?
+        } else {
+            net_cfg.clone()
+        };
         self.need_shared_memory(net_cfg.vhost_user.is_some())?;
         let (dev, counters) = crate::net::open(net_cfg).map_err(|e| user_error(&e.to_string()))?;
         self.plug(Kind::Net, id, dev, counters, api, cfg)
