@@ -112,3 +112,22 @@ def image_opened_direct(pid, image, timeout=5.0):
 
 def fmt(v):
     return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+
+
+def write_image(path, mib):
+    """A zero-filled image written out (not sparse), so every run starts from allocated blocks."""
+    chunk = bytes(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(chunk)
+    os.sync()
+
+
+def settle(image, cache):
+    """The same start for every run: nothing dirty, and with the page cache in play (cache mode
+    other than none) the whole image cached, as other programs may have evicted it."""
+    os.sync()
+    if cache != "none":
+        with open(image, "rb") as f:
+            while f.read(4 << 20):
+                pass

@@ -107,21 +107,10 @@ class Bench:
         return f"bench.blk.mib={self.args.image_mib}"
 
     def make_image(self):
-        # Written out (not sparse), so every run starts from allocated blocks.
-        chunk = bytes(1 << 20)
-        with open(self.image, "wb") as f:
-            for _ in range(self.args.image_mib):
-                f.write(chunk)
-        os.sync()
+        benchlib.write_image(self.image, self.args.image_mib)
 
     def settle(self):
-        """The same start for every run: nothing dirty, and with the page cache in play
-        (cache=writeback) the whole image cached, as other programs may have evicted it."""
-        os.sync()
-        if self.cache != "none":
-            with open(self.image, "rb") as f:
-                while f.read(4 << 20):
-                    pass
+        benchlib.settle(self.image, self.cache)
 
     def blk_hyperpool(self):
         self.settle()

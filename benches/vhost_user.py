@@ -115,18 +115,10 @@ class Bench:
                         f"addr.type=unix,addr.path={self.socket}"], self.socket)
 
     def make_image(self):
-        chunk = bytes(1 << 20)
-        with open(self.image, "wb") as f:
-            for _ in range(self.args.image_mib):
-                f.write(chunk)
-        os.sync()
+        benchlib.write_image(self.image, self.args.image_mib)
 
     def settle(self):
-        os.sync()
-        if self.cache != "none":
-            with open(self.image, "rb") as f:
-                while f.read(4 << 20):
-                    pass
+        benchlib.settle(self.image, self.cache)
 
     def learn_cache(self, pid, what):
         """QEMU's cache mode follows how our device opened the image (O_DIRECT or not)."""

@@ -127,13 +127,9 @@ fn vhost_disk(socket: &Path) -> String {
     format!("vhost_user=true,socket={}", socket.display())
 }
 
-fn probe_blk_through(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), 0);
-    let socket = dir.path().join("blk.sock");
-    let _b = Running::start(backend, &img, &socket, true);
-    let disk = vhost_disk(&socket);
-    let f = run(
+/// The probe's blk check on the one disk `disk` (a `--disk` spec).
+fn run_probe_blk(disk: &str) -> Finished {
+    run(
         &[
             "run",
             "--serial",
@@ -141,10 +137,19 @@ fn probe_blk_through(backend: Backend) {
             "--cmdline",
             "probe=blk",
             "--disk",
-            &disk,
+            disk,
         ],
         PROBE_LIMIT,
-    );
+    )
+}
+
+fn probe_blk_through(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 0);
+    let socket = dir.path().join("blk.sock");
+    let _b = Running::start(backend, &img, &socket, true);
+    let disk = vhost_disk(&socket);
+    let f = run_probe_blk(&disk);
     let figures = f.probe_ok("blk");
     assert!(
         figures.starts_with("disks=1 ") && figures.ends_with(":rw"),
@@ -168,18 +173,7 @@ fn probe_blk_readonly_through(backend: Backend) {
     let socket = dir.path().join("blk.sock");
     let _b = Running::start(backend, &img, &socket, false);
     let disk = vhost_disk(&socket);
-    let f = run(
-        &[
-            "run",
-            "--serial",
-            "tty",
-            "--cmdline",
-            "probe=blk",
-            "--disk",
-            &disk,
-        ],
-        PROBE_LIMIT,
-    );
+    let f = run_probe_blk(&disk);
     // The probe's check passes on a read-only disk only if the device said VIRTIO_BLK_F_RO and
     // the write was refused.
     let figures = f.probe_ok("blk");

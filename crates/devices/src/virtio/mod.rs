@@ -30,6 +30,7 @@ pub mod interrupt;
 pub mod net;
 pub mod pci_device;
 pub mod pci_transport;
+pub mod queue_setup;
 pub mod rng;
 pub mod vsock;
 pub mod worker;

@@ -20,12 +20,13 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace};
+use virtio_queue::Queue;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{ActivatedQueue, VirtioDevice};
 use super::interrupt::{DeviceInterrupt, IsrStatus, VirtioInterrupt};
+use super::queue_setup::{RingAddrs, configured_queue};
 use super::{GuestMemoryHandle, MAX_QUEUE_SIZE, NO_VECTOR, features, status};
 
 pub const COMMON_OFFSET: u64 = 0x0000;
@@ -171,26 +172,12 @@ impl QueueSlot {
 
     /// The queue as configured, if the configuration is usable with guest memory `mem`.
     fn build(&self, mem: &GuestMemoryHandle, event_idx: bool) -> Result<Queue, String> {
-        let mut q = Queue::new(self.max_size).map_err(|e| e.to_string())?;
-        q.try_set_size(self.size).map_err(|_| {
-            format!(
-                "size {} is not a power of two <= {}",
-                self.size, self.max_size
-            )
-        })?;
-        q.try_set_desc_table_address(GuestAddress(self.desc))
-            .and_then(|()| q.try_set_avail_ring_address(GuestAddress(self.driver)))
-            .and_then(|()| q.try_set_used_ring_address(GuestAddress(self.device)))
-            .map_err(|e| e.to_string())?;
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        if !q.is_valid(&*mem.memory()) {
-            return Err(format!(
-                "rings desc={:#x} avail={:#x} used={:#x} are outside guest memory",
-                self.desc, self.driver, self.device
-            ));
-        }
-        Ok(q)
+        let addrs = RingAddrs {
+            desc: self.desc,
+            avail: self.driver,
+            used: self.device,
+        };
+        configured_queue(self.max_size, self.size, addrs, event_idx, &mem.memory())
     }
 }
 

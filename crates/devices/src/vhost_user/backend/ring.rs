@@ -8,13 +8,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio::ActivatedQueue;
+use crate::virtio::queue_setup::configured_queue;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RingAddrs {
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-}
+pub use crate::virtio::queue_setup::RingAddrs;
 
 pub struct Ring {
     pub max_size: u16,
@@ -58,25 +54,7 @@ impl Ring {
     ) -> Result<ActivatedQueue, String> {
         let addrs = self.addrs.ok_or("no ring addresses")?;
         let kick = self.kick.as_ref().ok_or("no kick eventfd")?;
-        let mut q = Queue::new(self.max_size).map_err(|e| e.to_string())?;
-        q.try_set_size(self.size).map_err(|_| {
-            format!(
-                "size {} is not a power of two <= {}",
-                self.size, self.max_size
-            )
-        })?;
-        q.try_set_desc_table_address(GuestAddress(addrs.desc))
-            .and_then(|()| q.try_set_avail_ring_address(GuestAddress(addrs.avail)))
-            .and_then(|()| q.try_set_used_ring_address(GuestAddress(addrs.used)))
-            .map_err(|e| e.to_string())?;
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        if !q.is_valid(mem) {
-            return Err(format!(
-                "rings desc={:#x} avail={:#x} used={:#x} are outside guest memory",
-                addrs.desc, addrs.avail, addrs.used
-            ));
-        }
+        let mut q = configured_queue(self.max_size, self.size, addrs, event_idx, mem)?;
         q.set_next_avail(self.base);
         q.set_next_used(self.base);
         let event = kick.try_clone().map_err(|e| format!("kick eventfd: {e}"))?;
