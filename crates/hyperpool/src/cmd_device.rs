@@ -4,6 +4,7 @@
 //! else (no new privileges, a seccomp allow-list) and serves frontends one after another.
 //! SIGTERM or SIGINT remove the socket and exit 0.
 
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
@@ -16,19 +17,36 @@ use hyperpool_vmm::config::{DiskConfig, NetConfig};
 
 use crate::Failure;
 use crate::cli::{DeviceCommand, SocketArg};
-use crate::sandbox;
+use crate::sandbox::{self, Needs};
 
 pub fn run(cmd: DeviceCommand) -> Result<u8, Failure> {
-    let (name, socket, device): (&str, SocketArg, Box<dyn VirtioDevice>) = match cmd {
-        DeviceCommand::Blk { socket, disk } => ("vhost-user-blk", socket, open_disk(&disk)?),
-        DeviceCommand::Net { socket, net } => ("vhost-user-net", socket, open_net(&net)?),
+    let (name, socket, device, needs): (&str, SocketArg, Box<dyn VirtioDevice>, Needs) = match cmd {
+        DeviceCommand::Blk { socket, disk } => {
+            let needs = Needs {
+                resize_files: true,
+                ..Needs::default()
+            };
+            ("vhost-user-blk", socket, open_disk(&disk)?, needs)
+        }
+        DeviceCommand::Net { socket, net } => {
+            ("vhost-user-net", socket, open_net(&net)?, Needs::default())
+        }
         DeviceCommand::Vsock { socket, vsock } => {
             let dev = Vsock::new(u64::from(vsock.cid), &vsock.socket).map_err(|e| {
                 Failure::usage(format!("--vsock socket={}: {e}", vsock.socket.display()))
             })?;
-            ("vhost-user-vsock", socket, Box::new(dev))
+            let needs = Needs {
+                unix_connect: true,
+                ..Needs::default()
+            };
+            ("vhost-user-vsock", socket, Box::new(dev), needs)
         }
-        DeviceCommand::Rng { socket } => ("vhost-user-rng", socket, Box::new(Rng::new())),
+        DeviceCommand::Rng { socket } => (
+            "vhost-user-rng",
+            socket,
+            Box::new(Rng::new()),
+            Needs::default(),
+        ),
     };
     let SocketArg {
         socket,
@@ -41,8 +59,11 @@ pub fn run(cmd: DeviceCommand) -> Result<u8, Failure> {
     if let Some(fd) = lifeline {
         close_with_parent(fd, socket.clone(), backend.clone())?;
     }
-    sandbox::apply().map_err(Failure::runtime)?;
+    sandbox::apply(needs).map_err(Failure::runtime)?;
     tracing::info!("{name}: serving on {}", socket.display());
+    // The readiness signal for whoever started us: the socket accepts connections from now on.
+    // (Ignoring a closed stdout: nobody is waiting then.)
+    let _ = writeln!(std::io::stdout(), "{}", socket.display());
     serve(&listener, &backend, name)
         .map_err(|e| Failure::runtime(format!("{}: accept: {e}", socket.display())))?;
     Ok(0)

@@ -41,8 +41,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_dup3,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
-    libc::SYS_fallocate,
-    libc::SYS_ftruncate,
     // Waiting and waking.
     libc::SYS_eventfd2,
     libc::SYS_epoll_create1,
@@ -72,8 +70,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_sendmsg,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
-    libc::SYS_socket,
-    libc::SYS_connect,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
@@ -125,6 +121,30 @@ fn ioctl_rules() -> Result<Vec<SeccompRule>, String> {
         .collect()
 }
 
+/// What a device needs beyond the common list.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    /// Connect to host Unix sockets (vsock's host side): `socket(AF_UNIX, ...)` and `connect`.
+    /// Without it a device process cannot reach any socket, its VMM's API included.
+    pub unix_connect: bool,
+    /// Change file sizes (a disk: qcow2 growing, discard and write-zeroes on raw images).
+    pub resize_files: bool,
+}
+
+/// `socket` only for the Unix domain.
+fn unix_socket_rules() -> Result<Vec<SeccompRule>, String> {
+    let cond = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_UNIX as u64,
+    )
+    .map_err(|e| format!("seccomp rule: {e}"))?;
+    Ok(vec![
+        SeccompRule::new(vec![cond]).map_err(|e| format!("seccomp rule: {e}"))?,
+    ])
+}
+
 /// `clone` only for threads (CLONE_THREAD): no new processes.
 fn clone_rules() -> Result<Vec<SeccompRule>, String> {
     let thread = libc::CLONE_THREAD as u64;
@@ -146,8 +166,9 @@ fn compile(filter: Result<SeccompFilter, seccompiler::BackendError>) -> Result<B
         .map_err(|e| format!("seccomp filter: {e}"))
 }
 
-/// Sets `no_new_privs` and installs the allow-list on every thread of the process.
-pub fn apply() -> Result<(), String> {
+/// Sets `no_new_privs` and installs the allow-list (with what `needs` adds) on every thread of
+/// the process.
+pub fn apply(needs: Needs) -> Result<(), String> {
     // A static binary has no libc `getrandom` to look up, so the getrandom crate reads
     // /dev/urandom; opening it here keeps it open for later, when `openat` is gone.
     getrandom::fill(&mut [0u8; 1]).map_err(|e| format!("entropy source: {e}"))?;
@@ -155,6 +176,14 @@ pub fn apply() -> Result<(), String> {
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
     rules.insert(libc::SYS_ioctl, ioctl_rules()?);
     rules.insert(libc::SYS_clone, clone_rules()?);
+    if needs.unix_connect {
+        rules.insert(libc::SYS_socket, unix_socket_rules()?);
+        rules.insert(libc::SYS_connect, Vec::new());
+    }
+    if needs.resize_files {
+        rules.insert(libc::SYS_fallocate, Vec::new());
+        rules.insert(libc::SYS_ftruncate, Vec::new());
+    }
     let allow_list = compile(SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -201,9 +230,25 @@ mod tests {
         let Ok(what) = std::env::var(CHILD) else {
             return;
         };
-        super::apply().unwrap();
+        let vsock = super::Needs {
+            unix_connect: true,
+            ..Default::default()
+        };
+        let needs = if what.starts_with("vsock-") {
+            vsock
+        } else {
+            super::Needs::default()
+        };
+        super::apply(needs).unwrap();
+        let unix_socket = || {
+            // SAFETY: socket(2) with constant arguments; the fd is left to the exit.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) }
+        };
         match what.as_str() {
             "thread" => std::thread::spawn(|| ()).join().unwrap(),
+            "socket" | "vsock-unix" => assert!(unix_socket() >= 0),
+            // SAFETY: socket(2) with constant arguments.
+            "vsock-inet" => drop(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }),
             "open" => drop(std::fs::File::open("/etc/hostname")),
             // SAFETY: the child exits at once; nothing else runs in it.
             "fork" => unsafe {
@@ -220,7 +265,14 @@ mod tests {
     #[test]
     fn threads_run_but_opening_files_and_forking_kill_the_process() {
         assert_eq!(sandboxed("thread").code(), Some(7), "threads are allowed");
-        for what in ["open", "fork"] {
+        assert_eq!(
+            sandboxed("vsock-unix").code(),
+            Some(7),
+            "vsock reaches Unix sockets"
+        );
+        // No sockets at all for the other devices (their VMM's API is a Unix socket), and only
+        // Unix ones for vsock.
+        for what in ["open", "fork", "socket", "vsock-inet"] {
             let status = sandboxed(what);
             assert_eq!(status.signal(), Some(libc::SIGSYS), "{what}: {status:?}");
         }

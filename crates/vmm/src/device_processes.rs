@@ -172,25 +172,16 @@ fn serve(
         .arg("--exit-with-fd")
         .arg(reg.lifeline.0.as_raw_fd().to_string())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(Error::io("starting a device process"))?;
-    let deadline = Instant::now() + START_LIMIT;
-    while !socket.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(Error::Config(format!(
-                "{flag} {spec}: the device process failed ({status}); see its message above"
-            )));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(Error::Config(format!(
-                "{flag} {spec}: the device process did not listen within {START_LIMIT:?}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    if let Err(why) = wait_ready(&mut child) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(Error::Config(format!(
+            "{flag} {spec}: the device process {why}"
+        )));
     }
     tracing::info!("{kind} device process {} serves {flag} {spec}", child.id());
     reg.served.push(Served {
@@ -200,6 +191,37 @@ fn serve(
         child,
     });
     Ok((socket, mac))
+}
+
+/// Waits for the child's readiness line (it prints its socket once it accepts connections).
+fn wait_ready(child: &mut Child) -> std::result::Result<(), String> {
+    let Some(out) = child.stdout.take() else {
+        return Err("has no stdout".into());
+    };
+    // SAFETY: fcntl on the pipe we own: non-blocking reads, so the deadline holds.
+    unsafe {
+        let flags = libc::fcntl(out.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(out.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    let mut out = std::fs::File::from(OwnedFd::from(out));
+    let deadline = Instant::now() + START_LIMIT;
+    let mut byte = [0u8; 1];
+    loop {
+        match std::io::Read::read(&mut out, &mut byte) {
+            Ok(1) if byte[0] == b'\n' => return Ok(()),
+            Ok(1) => continue,
+            Ok(_) => {
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                return Err(format!("failed ({status}); see its message above"));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("readiness pipe: {e}")),
+        }
+        if Instant::now() > deadline {
+            return Err(format!("did not listen within {START_LIMIT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 impl Registry {

@@ -208,10 +208,23 @@ impl DeviceBackend {
     }
 }
 
+/// The frontend's descriptor as an eventfd, made non-blocking first: a frontend that passes a
+/// pipe, or an eventfd whose counter it keeps full, must not block a device thread's signal
+/// (nor, behind it, a reset holding the backend's lock).
 fn eventfd(file: Option<File>) -> Option<EventFd> {
-    // SAFETY: the frontend passed us this descriptor and `file` owned it; the EventFd takes
-    // over that ownership. A descriptor that is not an eventfd only makes reads/writes fail.
-    file.map(|f| unsafe { EventFd::from_raw_fd(f.into_raw_fd()) })
+    file.map(|f| {
+        let fd = f.into_raw_fd();
+        // SAFETY: fcntl on the descriptor we own; failure leaves its flags as they were.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+        // SAFETY: the frontend passed us this descriptor and `file` owned it; the EventFd takes
+        // over that ownership. A descriptor that is not an eventfd only makes reads/writes fail.
+        unsafe { EventFd::from_raw_fd(fd) }
+    })
 }
 
 fn spec(r: &VhostUserMemoryRegion) -> RegionSpec {

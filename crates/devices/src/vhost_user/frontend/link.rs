@@ -191,6 +191,10 @@ impl Link {
             .frontend
             .get_inflight_fd(&ask)
             .map_err(err("GET_INFLIGHT_FD"))?;
+        // Received descriptors come without close-on-exec: a device process started later must
+        // not inherit this one.
+        // SAFETY: F_SETFD on the descriptor `file` owns.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         Ok(Some(Inflight { info, file }))
     }
 

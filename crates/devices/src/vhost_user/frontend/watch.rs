@@ -183,9 +183,13 @@ impl Thread {
                         ),
                         // No backend had these rings: nothing is in flight, and this
                         // backend's record starts now.
+                        // Kept only once the rings run: a backend that fails to start must
+                        // not hand its record to the next one.
                         None => {
-                            *inflight = new.inflight(spec.num_queues, spec.queue_size)?;
-                            new.start(&mem, s.acked, spec.queue_size, &s.rings, &bases, None)
+                            let record = new.inflight(spec.num_queues, spec.queue_size)?;
+                            new.start(&mem, s.acked, spec.queue_size, &s.rings, &bases, None)?;
+                            *inflight = record;
+                            Ok(())
                         }
                     });
                 if let Err(e) = started {
