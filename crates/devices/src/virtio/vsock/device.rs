@@ -3,7 +3,8 @@
 //!
 //! The event queue only carries transport resets (after a migration, which we do not do), so
 //! the device runs on rx and tx alone: a vhost-user frontend (QEMU's vhost-user-vsock) keeps
-//! the event queue to itself and hands the backend only those two.
+//! the event queue to itself and hands the backend only those two. When the event queue is
+//! there, its notifications are drained and nothing else.
 //!
 //! The thread waits in one epoll on the queue eventfds and the muxer's epoll fd (so a host
 //! socket wakes it as a guest notification does). It owns the muxer while the device runs and
@@ -32,6 +33,7 @@ use crate::virtio::{GuestMemoryHandle, features};
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
 const MUXER_TOKEN: u64 = 3;
 const KILL_TOKEN: u64 = u64::MAX;
 
@@ -126,7 +128,7 @@ impl VirtioDevice for Vsock {
                 *slot = Some((q.queue, q.event));
             }
         }
-        let [Some(rx), Some(tx), _event] = slots else {
+        let [Some(rx), Some(tx), event] = slots else {
             return Err(ActivateError::QueueCount { expected: 2, got });
         };
         let Some(muxer) = self.muxer.take() else {
@@ -145,6 +147,9 @@ impl VirtioDevice for Vsock {
             add(kill.as_raw_fd(), KILL_TOKEN)?;
             add(rx.1.as_raw_fd(), RX as u64)?;
             add(tx.1.as_raw_fd(), TX as u64)?;
+            if let Some((_, ev)) = &event {
+                add(ev.as_raw_fd(), EVENT as u64)?;
+            }
             add(muxer.epoll_fd(), MUXER_TOKEN)?;
             Ok((epoll, kill.try_clone()?))
         })();
@@ -161,6 +166,7 @@ impl VirtioDevice for Vsock {
             interrupt,
             queues: [rx.0, tx.0],
             events: [rx.1, tx.1],
+            event: event.map(|(_, ev)| ev),
             epoll,
             kill: thread_kill,
             buf: vec![0u8; MAX_PKT_DATA as usize],
@@ -202,6 +208,8 @@ struct Thread {
     interrupt: DeviceInterrupt,
     queues: [Queue; 2],
     events: [EventFd; 2],
+    /// The event queue's notifications, if the transport has that queue: only drained.
+    event: Option<EventFd>,
     epoll: Epoll,
     kill: EventFd,
     buf: Vec<u8>,
@@ -224,6 +232,11 @@ impl Thread {
                 match ev.data() {
                     KILL_TOKEN => return self.muxer,
                     MUXER_TOKEN => self.muxer.process_host_events(),
+                    q if q == EVENT as u64 => {
+                        if let Some(evt) = &self.event {
+                            let _ = evt.read();
+                        }
+                    }
                     q => {
                         if let Some(evt) = self.events.get(q as usize) {
                             let _ = evt.read();
