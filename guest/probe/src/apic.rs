@@ -1,11 +1,13 @@
 //! The local APIC and the IOAPIC as the interrupt-driven checks (`intx`, `idle`) program them.
 
+use crate::cpu::KERNEL_CS;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use x86_64::VirtAddr;
 use x86_64::registers::model_specific::Msr;
 use x86_64::structures::DescriptorTablePointer;
+use x86_64::structures::gdt::SegmentSelector;
 use x86_64::structures::idt::InterruptDescriptorTable;
 
 /// A redirection entry with the mask bit set (nothing else).
@@ -48,8 +50,12 @@ impl IoApic {
     }
     /// The redirection entry index of `gsi`, if this IOAPIC has that input.
     pub fn pin(&self, gsi: u32) -> Option<u32> {
+        self.pins([gsi])[0]
+    }
+    /// [`pin`](Self::pin) for several GSIs, reading the IOAPIC's size once.
+    pub fn pins<const N: usize>(&self, gsis: [u32; N]) -> [Option<u32>; N] {
         let entries = ((self.read(1) >> 16) & 0xff) + 1;
-        gsi.checked_sub(self.gsi_base).filter(|&p| p < entries)
+        gsis.map(|gsi| gsi.checked_sub(self.gsi_base).filter(|&p| p < entries))
     }
     /// Points input `pin` at `dest`'s local APIC with the low dword `low` (vector, trigger,
     /// polarity), masked while the halves are written.
@@ -65,8 +71,13 @@ const MADT_ENTRIES: usize = 44;
 const MADT_IO_APIC: u8 = 1;
 const MADT_IO_APIC_LEN: usize = 12;
 
-/// The first IOAPIC the MADT lists (found the lean way, see `sdt.rs`).
+/// The first IOAPIC the MADT lists (found the lean way, see `sdt.rs`, and in ring 3: the
+/// table walk is pure computation, see `user::call`).
 pub fn io_apic(rsdp: u64) -> Result<IoApic, String> {
+    crate::user::call(|| find_io_apic(rsdp))
+}
+
+fn find_io_apic(rsdp: u64) -> Result<IoApic, String> {
     let madt = crate::sdt::find(rsdp, b"APIC")?;
     let mut rest = madt.get(MADT_ENTRIES..).unwrap_or_default();
     while let [kind, len, ..] = *rest {
@@ -105,7 +116,8 @@ pub fn stray_irq_check() -> Result<String, String> {
 }
 
 /// Loads a copy of the probe's IDT with `handlers` (vector, entry point) added, each on IST1;
-/// returns the table that was loaded before, for a check that puts it back.
+/// returns the table that was loaded before, for a check that puts it back. The copy is built
+/// in ring 3 (`user::call`): only `sidt` and `lidt` run in ring 0.
 ///
 /// # Safety
 /// Each entry point must be an interrupt handler that preserves every register and ends in
@@ -115,26 +127,39 @@ pub unsafe fn install_handlers(handlers: &[(u8, u64)]) -> Result<DescriptorTable
     if usize::from(old.limit) + 1 != core::mem::size_of::<InterruptDescriptorTable>() {
         return Err(format!("loaded IDT has limit {:#x}", old.limit));
     }
+    // SAFETY: `old` describes a full 256-entry table (checked above); the caller vouches for
+    // the entry points.
+    let idt = crate::user::call(|| unsafe { idt_with(old.base.as_ptr(), handlers) });
+    idt.load();
+    Ok(old)
+}
+
+/// A new IDT: a copy of the one at `base` with `handlers` added.
+///
+/// # Safety
+/// `base` must point to a full 256-entry IDT; the handlers must be as for
+/// [`install_handlers`].
+unsafe fn idt_with(
+    base: *const InterruptDescriptorTable,
+    handlers: &[(u8, u64)],
+) -> &'static mut InterruptDescriptorTable {
     let mut idt = Box::<InterruptDescriptorTable>::new_uninit();
-    // SAFETY: the loaded IDT is a full 256-entry table (cpu.rs) at `old.base`; it is copied
-    // (straight into the new allocation, which does not overlap it), not changed.
+    // SAFETY: the table at `base` is a full IDT (the caller's promise); it is copied straight
+    // into the new allocation, which does not overlap it, not changed.
     let idt: &'static mut InterruptDescriptorTable = unsafe {
-        core::ptr::copy_nonoverlapping(
-            old.base.as_ptr::<InterruptDescriptorTable>(),
-            idt.as_mut_ptr(),
-            1,
-        );
+        core::ptr::copy_nonoverlapping(base, idt.as_mut_ptr(), 1);
         Box::leak(idt.assume_init())
     };
     for &(vector, handler) in handlers {
         // SAFETY: the caller vouches for the entry points; IST index 0 (IST1) is set up in
-        // cpu.rs.
+        // cpu.rs. The selector is named: `set_handler_addr` takes the running CS, which in
+        // ring 3 is the user one.
         unsafe {
             idt[vector]
                 .set_handler_addr(VirtAddr::new(handler))
+                .set_code_selector(SegmentSelector(KERNEL_CS))
                 .set_stack_index(0);
         }
     }
-    idt.load();
-    Ok(old)
+    idt
 }

@@ -9,7 +9,8 @@ const MAX_LEN: usize = 0x10000;
 /// Default check list when no `probe=` is given.
 pub const DEFAULT_CHECKS: &str = "cpus,mem,acpi";
 
-/// Returns the NUL-terminated command line at `paddr` (empty if 0 or not UTF-8).
+/// Returns the NUL-terminated command line at `paddr` (empty if 0 or not UTF-8). Runs in
+/// ring 3 at start-up (`main.rs`), so scanning it byte by byte costs nothing emulated.
 ///
 /// # Safety
 /// `paddr` must be 0 or point to identity-mapped memory holding a NUL-terminated string.
@@ -25,28 +26,7 @@ pub unsafe fn read(paddr: u64) -> &'static str {
     }
     // SAFETY: the `len` bytes just scanned are readable and stay unchanged for the run.
     let bytes = unsafe { core::slice::from_raw_parts(base, len) };
-    if all_ascii(bytes) {
-        // SAFETY: ASCII is valid UTF-8. (`from_utf8` goes byte by byte on short strings, which
-        // costs ~8 emulated instructions a byte.)
-        unsafe { core::str::from_utf8_unchecked(bytes) }
-    } else {
-        core::str::from_utf8(bytes).unwrap_or("")
-    }
-}
-
-/// Whether every byte is ASCII, a word at a time. Not `<[u8]>::is_ascii`: core's version runs
-/// SSE2 code on longer strings (its own target features, whatever this crate is built with),
-/// and this runs in ring 0, where PVM's emulator cannot do SSE (`orps` stopped the VM).
-fn all_ascii(bytes: &[u8]) -> bool {
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(w);
-        if u64::from_ne_bytes(word) & 0x8080_8080_8080_8080 != 0 {
-            return false;
-        }
-    }
-    words.remainder().iter().all(|b| *b < 0x80)
+    core::str::from_utf8(bytes).unwrap_or("")
 }
 
 /// What the command line asks for.

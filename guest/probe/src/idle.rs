@@ -35,7 +35,7 @@ const IER_RX_AVAILABLE: u8 = 1;
 /// OUT2 gates a PC UART's interrupt line.
 const MCR_OUT2: u8 = 1 << 3;
 const LSR_DATA_READY: u8 = 1;
-const MAX_LINE: usize = 128;
+const PING: &[u8] = b"ping";
 
 static SERIAL_IRQS: AtomicU64 = AtomicU64::new(0);
 static GED_IRQS: AtomicU64 = AtomicU64::new(0);
@@ -84,7 +84,7 @@ pub fn arm(rsdp: u64) -> Result<Mmio, String> {
     let apic_base = unsafe { Msr::new(IA32_APIC_BASE).read() } & 0xf_ffff_f000;
     let lapic = Mmio(apic_base);
     let ioapic = io_apic(rsdp)?;
-    let pins = [COM1_GSI, GED_GSI].map(|gsi| ioapic.pin(gsi));
+    let pins = ioapic.pins([COM1_GSI, GED_GSI]);
     let [Some(serial_pin), Some(ged_pin)] = pins else {
         return Err(format!("GSIs {COM1_GSI}/{GED_GSI} are not IOAPIC inputs"));
     };
@@ -136,26 +136,14 @@ pub fn run(rsdp: u64) -> Result<String, String> {
     let ged = arm(rsdp)?;
     println!("PROBE idle ready");
 
-    let mut line = [0u8; MAX_LINE];
-    let mut len = 0;
+    let mut line = PingLine::new();
     loop {
         halt();
         // SAFETY: reading the 16550's status and data registers.
         while unsafe { port(UART_LSR).read() } & LSR_DATA_READY != 0 {
             // SAFETY: as above.
-            let byte = unsafe { port(0).read() };
-            match byte {
-                b'\r' | b'\n' => {
-                    if &line[..len] == b"ping" {
-                        println!("pong");
-                    }
-                    len = 0;
-                }
-                _ if len < MAX_LINE => {
-                    line[len] = byte;
-                    len += 1;
-                }
-                _ => {}
+            if line.push(unsafe { port(0).read() }) {
+                println!("pong");
             }
         }
         if GED_IRQS.load(Ordering::SeqCst) > 0 && ged.read(0) & GED_POWER_BUTTON != 0 {
@@ -166,5 +154,32 @@ pub fn run(rsdp: u64) -> Result<String, String> {
                 GED_IRQS.load(Ordering::SeqCst)
             ));
         }
+    }
+}
+
+/// Recognises lines that are exactly `ping`, byte by byte, without buffering the line (a
+/// buffer to clear is emulated work at every start on PVM hosts).
+struct PingLine {
+    /// Bytes of the current line so far, if they are a prefix of `ping`.
+    matched: Option<usize>,
+}
+
+impl PingLine {
+    const fn new() -> Self {
+        Self { matched: Some(0) }
+    }
+
+    /// Takes one received byte; true when it ends a `ping` line.
+    fn push(&mut self, byte: u8) -> bool {
+        if byte == b'\r' || byte == b'\n' {
+            let ping = self.matched == Some(PING.len());
+            self.matched = Some(0);
+            return ping;
+        }
+        self.matched = self
+            .matched
+            .filter(|&n| PING.get(n) == Some(&byte))
+            .map(|n| n + 1);
+        false
     }
 }

@@ -100,6 +100,40 @@ pub fn run(f: UserFn, arg: u64) -> u64 {
     unsafe { user_enter(f, arg, top) }
 }
 
+/// Runs the closure `f` in ring 3 and returns what it returns. On PVM hosts ring-0 code is
+/// emulated at microseconds an instruction while ring 3 runs natively, so the pure computation
+/// a check does at start-up (parsing, table walks, building tables in memory) costs a few dozen
+/// emulated instructions for the round trip instead of hundreds.
+///
+/// `f` must only compute on memory: port I/O and privileged instructions fault in ring 3
+/// (the exception handler reports them and halts), and MMIO would still be emulated. It must
+/// not call [`run`] or `call` itself.
+pub fn call<F: FnOnce() -> R, R>(f: F) -> R {
+    struct Job<F, R> {
+        f: Option<F>,
+        out: Option<R>,
+    }
+    extern "C" fn trampoline<F: FnOnce() -> R, R>(job: u64) -> u64 {
+        // SAFETY: `job` is the address of the `Job` that `call` below keeps alive (and does not
+        // touch) until `run` returns; nothing else refers to it meanwhile.
+        let job = unsafe { &mut *(job as *mut Job<F, R>) };
+        if let Some(f) = job.f.take() {
+            job.out = Some(f());
+        }
+        0
+    }
+    let mut job = Job {
+        f: Some(f),
+        out: None,
+    };
+    run(trampoline::<F, R>, &raw mut job as u64);
+    match job.out {
+        Some(out) => out,
+        // Only if ring 3 ended early with `int3`, which no closure does.
+        None => panic!("ring-3 call returned without a result"),
+    }
+}
+
 /// Current privilege level (CS.RPL); callable from ring 3.
 pub fn current_ring() -> u64 {
     let cs: u16;
