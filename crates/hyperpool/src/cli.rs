@@ -342,10 +342,24 @@ mod tests {
         };
         assert_eq!(help(VmmCli::command()), help(Cli::command()));
         for args in [
-            &["hyperpool", "vmm", "--api-socket", "/x.sock", "--api-fd", "3"][..],
+            &[
+                "hyperpool",
+                "vmm",
+                "--api-socket",
+                "/x.sock",
+                "--api-fd",
+                "3",
+            ][..],
             &["hyperpool", "vmm", "-vv", "--api-socket", "path=/x.sock"],
             &["hyperpool", "vmm"],
-            &["hyperpool", "vmm", "--api-fd", "x", "--api-socket", "/x.sock"],
+            &[
+                "hyperpool",
+                "vmm",
+                "--api-fd",
+                "x",
+                "--api-socket",
+                "/x.sock",
+            ],
             &["hyperpool", "vmm", "--nope"],
         ] {
             let full = Cli::try_parse_from(args);

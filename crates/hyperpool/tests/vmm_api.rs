@@ -198,7 +198,7 @@ fn bad_requests_name_what_is_wrong() {
             Request {
                 method: "PUT",
                 path: "/api/v1/vm.create",
-                body: Some(b"{}".to_vec()),
+                body: Some(br#"{"payload": {}, "frobnicate": 1}"#.to_vec()),
             },
             Request {
                 method: "PUT",
