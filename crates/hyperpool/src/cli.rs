@@ -328,7 +328,7 @@ pub enum DeviceCommand {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
     use super::{Cli, VmmCli};
 
