@@ -60,9 +60,9 @@ pub fn check_socket_room(layout: &Layout) -> Result<(), String> {
 /// that ext4's Orlov allocator spreads the VM directories over its block groups: the files of
 /// a VM then come from its own directory's group. Without the mark every VM's files came from
 /// one group, and on ext4 without a journal each new inode there is found by walking past every
-/// inode freed in the last minute (`recently_deleted()`): a pool creating and deleting VMs spent
-/// more CPU on that walk than on the VMs themselves (about 2 ms of daemon and VMM time per VM
-/// at 100 VMs a second). Filesystems without the flag just keep the directory as it is.
+/// inode freed in the last minute (`recently_deleted()`): in the pool benchmark that walk cost
+/// each VM about 2 ms of its VMM's CPU and 2.5 ms of the daemon's. Filesystems without the
+/// flag just keep the directory as it is.
 pub fn create_vms_dir(layout: &Layout) -> std::io::Result<()> {
     let dir = layout.state_dir.join("vms");
     std::fs::create_dir_all(&dir)?;
