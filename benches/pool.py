@@ -613,11 +613,12 @@ def main():
         print(f"  CPU per probe VM started: guest vCPU {budget[0]:.1f} ms, rest of its VMM "
               f"{budget[1]:.1f} ms, daemon {budget[2]:.1f} ms, this client {budget[3]:.1f} ms")
         print(f"  create+start request latency                      {fmt3(create_ms, 1)} ms")
-        print(f"  API latency p50, {args.concurrency} in flight              "
-              f"{fmt3(p50)} ms")
-        print(f"  API latency p99, {args.concurrency} in flight              "
-              f"{fmt3(p99)} ms")
-        print(f"  API throughput                                    {fmt3(rps, 0)} req/s")
+        if p50:  # none with --latency-runs 0
+            print(f"  API latency p50, {args.concurrency} in flight              "
+                  f"{fmt3(p50)} ms")
+            print(f"  API latency p99, {args.concurrency} in flight              "
+                  f"{fmt3(p99)} ms")
+            print(f"  API throughput                                    {fmt3(rps, 0)} req/s")
         print(f"  VMM PSS - guest pages, per VM                     {fmt3(own)} MiB"
               f"   (target <= 3)")
         print(f"  guest pages resident, per VM                      {fmt3(guest)} MiB")

@@ -88,53 +88,74 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
+        let mut answers = self.in_order(vec![Request { method, path, body }])?;
+        Ok(answers.remove(0))
+    }
+
+    /// Several requests, one after another on one connection: what a caller with a few things
+    /// to say at once (the daemon's `vm.create` then `vm.boot`) pays for one connection and one
+    /// runtime instead of one each. Stops at the first answer that is not a success, which is
+    /// then the last one returned; the timeout covers them all.
+    pub fn in_order(&self, requests: Vec<Request<'_>>) -> Result<Vec<Response>, ClientError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
             .build()
             .map_err(|e| ClientError::Http(e.to_string()))?;
         runtime.block_on(async {
-            tokio::time::timeout(self.timeout, self.send(method, path, body))
+            tokio::time::timeout(self.timeout, self.send_all(requests))
                 .await
                 .map_err(|_| ClientError::Timeout)?
         })
     }
 
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<Response, ClientError> {
+    async fn send_all(&self, requests: Vec<Request<'_>>) -> Result<Vec<Response>, ClientError> {
+        let http = |e: hyper::Error| ClientError::Http(e.to_string());
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| ClientError::Connect(self.socket.clone(), e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(http)?;
         tokio::spawn(connection);
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "localhost");
-        if body.is_some() {
-            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        let mut answers = Vec::with_capacity(requests.len());
+        for Request { method, path, body } in requests {
+            // The previous answer was read in full, so the connection takes the next request.
+            sender.ready().await.map_err(http)?;
+            let mut request = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, "localhost");
+            if body.is_some() {
+                request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            let request = request
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let response = sender.send_request(request).await.map_err(http)?;
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(http)?
+                .to_bytes()
+                .to_vec();
+            let answer = Response { status, body };
+            let failed = !answer.is_success();
+            answers.push(answer);
+            if failed {
+                break;
+            }
         }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes()
-            .to_vec();
-        Ok(Response { status, body })
+        Ok(answers)
     }
+}
+
+/// One request of [`Client::in_order`].
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub body: Option<Vec<u8>>,
 }

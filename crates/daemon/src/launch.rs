@@ -96,8 +96,8 @@ fn run(l: &Launch) -> Result<(Child, Option<String>), PoolError> {
         }
         Err(e) => Some(e),
     };
-    let configured = vmm_process::put(&socket, "vm.create", Some(&body))
-        .and_then(|()| vmm_process::put(&socket, "vm.boot", None));
+    let configured =
+        vmm_process::put_in_order(&socket, &[("vm.create", Some(&body)), ("vm.boot", None)]);
     if let Err(e) = configured {
         // A VMM that died at start says more in its log than the broken connection does.
         let message = match child.try_wait() {

@@ -56,6 +56,52 @@ pub fn check_socket_room(layout: &Layout) -> Result<(), String> {
     Ok(())
 }
 
+/// Creates `<state>/vms` and marks it as the top of directory hierarchies (`chattr +T`), so
+/// that ext4's Orlov allocator spreads the VM directories over its block groups: the files of
+/// a VM then come from its own directory's group. Without the mark every VM's files came from
+/// one group, and on ext4 without a journal each new inode there is found by walking past every
+/// inode freed in the last minute (`recently_deleted()`): in the pool benchmark that walk cost
+/// each VM about 2 ms of its VMM's CPU and 2.5 ms of the daemon's. Filesystems without the
+/// flag just keep the directory as it is.
+pub fn create_vms_dir(layout: &Layout) -> std::io::Result<()> {
+    let dir = layout.state_dir.join("vms");
+    std::fs::create_dir_all(&dir)?;
+    let mark = std::fs::File::open(&dir).and_then(|d| {
+        use rustix::fs::{IFlags, ioctl_getflags, ioctl_setflags};
+        let flags = ioctl_getflags(&d)?;
+        if !flags.contains(IFlags::TOPDIR) {
+            ioctl_setflags(&d, flags | IFlags::TOPDIR)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = mark {
+        tracing::debug!("{}: not marked as a top directory: {e}", dir.display());
+    }
+    Ok(())
+}
+
 pub fn exists(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vms_dir_is_a_top_directory_where_the_filesystem_has_the_flag() {
+        let state = tempfile::tempdir().unwrap();
+        let layout = Layout {
+            state_dir: state.path().join("state"),
+        };
+        create_vms_dir(&layout).unwrap();
+        // Again on an existing directory: no error, the mark stays.
+        create_vms_dir(&layout).unwrap();
+        let dir = std::fs::File::open(layout.state_dir.join("vms")).unwrap();
+        match rustix::fs::ioctl_getflags(&dir) {
+            Ok(flags) => assert!(flags.contains(rustix::fs::IFlags::TOPDIR), "{flags:?}"),
+            // tmpfs and friends keep no inode flags: nothing to check.
+            Err(e) => eprintln!("no inode flags here: {e}"),
+        }
+    }
 }

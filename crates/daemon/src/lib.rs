@@ -67,7 +67,7 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let layout = Layout {
         state_dir: cfg.state_dir.clone(),
     };
-    std::fs::create_dir_all(layout.state_dir.join("vms"))
+    layout::create_vms_dir(&layout)
         .map_err(|e| usage(format!("--state-dir {}: {e}", layout.state_dir.display())))?;
     layout::check_socket_room(&layout).map_err(usage)?;
     let _lock = lock_state_dir(&layout)?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use hyperpool_api::client::Client;
+use hyperpool_api::client::{Client, Request};
 use serde_json::Value;
 
 /// How a VMM process ended.
@@ -75,6 +75,29 @@ pub fn put(socket: &Path, endpoint: &str, body: Option<&Value>) -> Result<(), St
         Ok(())
     } else {
         Err(r.text())
+    }
+}
+
+/// PUT several endpoints in order on one connection (see [`Client::in_order`]); stops at the
+/// first error, which is the VMM's own one-line answer.
+pub fn put_in_order(socket: &Path, calls: &[(&str, Option<&Value>)]) -> Result<(), String> {
+    let paths: Vec<String> = calls.iter().map(|(e, _)| format!("/api/v1/{e}")).collect();
+    let requests = calls
+        .iter()
+        .zip(&paths)
+        .map(|((_, body), path)| Request {
+            method: "PUT",
+            path,
+            body: body.map(|b| b.to_string().into_bytes()),
+        })
+        .collect();
+    let answers = api(socket).in_order(requests).map_err(|e| {
+        let names: Vec<&str> = calls.iter().map(|(e, _)| *e).collect();
+        format!("{}: {e}", names.join(", "))
+    })?;
+    match answers.last() {
+        Some(last) if !last.is_success() => Err(last.text()),
+        _ => Ok(()),
     }
 }
 

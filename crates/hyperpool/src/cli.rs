@@ -18,6 +18,33 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `hyperpool vmm ...` on its own: the pool daemon starts one VMM process per VM, and building
+/// the parser of every subcommand (their arguments, value parsers and help) took a measurable
+/// share of such a start. The same name, flags and help as [`Cli`]'s `vmm`.
+#[derive(Parser)]
+#[command(name = "hyperpool", version, about = "A hypervisor on Linux KVM")]
+pub struct VmmCli {
+    /// More log output (-v debug, -vv trace); HYPERPOOL_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: VmmOnly,
+}
+
+#[derive(Subcommand)]
+pub enum VmmOnly {
+    /// Run one VM process driven over Cloud Hypervisor's REST API on a Unix socket.
+    Vmm(VmmArgs),
+}
+
+impl VmmCli {
+    /// Whether the command line asks for `vmm` as its first word (how the daemon starts it);
+    /// anything else goes to the full [`Cli`].
+    pub fn applies() -> bool {
+        std::env::args_os().nth(1).is_some_and(|a| a == "vmm")
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Run one VM in the foreground; without --kernel, the built-in probe guest.
@@ -297,4 +324,61 @@ pub enum DeviceCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, VmmCli};
+
+    /// The short-cut parser must accept, refuse and document `vmm` exactly as the full one does.
+    #[test]
+    fn vmm_cli_is_the_full_clis_vmm() {
+        let help = |mut c: clap::Command| {
+            c.build();
+            let mut vmm = c.find_subcommand("vmm").unwrap().clone();
+            vmm.render_long_help().to_string()
+        };
+        assert_eq!(help(VmmCli::command()), help(Cli::command()));
+        for args in [
+            &[
+                "hyperpool",
+                "vmm",
+                "--api-socket",
+                "/x.sock",
+                "--api-fd",
+                "3",
+            ][..],
+            &["hyperpool", "vmm", "-vv", "--api-socket", "path=/x.sock"],
+            &["hyperpool", "vmm"],
+            &[
+                "hyperpool",
+                "vmm",
+                "--api-fd",
+                "x",
+                "--api-socket",
+                "/x.sock",
+            ],
+            &["hyperpool", "vmm", "--nope"],
+        ] {
+            let full = Cli::try_parse_from(args);
+            let short = VmmCli::try_parse_from(args);
+            match (full, short) {
+                (Ok(f), Ok(s)) => {
+                    let super::Command::Vmm(fa) = f.command else {
+                        panic!("{args:?}: not vmm")
+                    };
+                    let super::VmmOnly::Vmm(sa) = s.command;
+                    assert_eq!(f.verbose, s.verbose, "{args:?}");
+                    assert_eq!((fa.api_socket, fa.api_fd), (sa.api_socket, sa.api_fd));
+                }
+                (Err(f), Err(s)) => {
+                    assert_eq!(f.kind(), s.kind(), "{args:?}");
+                    assert_eq!(f.to_string(), s.to_string(), "{args:?}");
+                }
+                (f, s) => panic!("{args:?}: full {:?}, short {:?}", f.is_ok(), s.is_ok()),
+            }
+        }
+    }
 }

@@ -21,6 +21,18 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    if cli::VmmCli::applies() {
+        return match cli::VmmCli::try_parse() {
+            Ok(cli::VmmCli {
+                verbose,
+                command: cli::VmmOnly::Vmm(args),
+            }) => {
+                init_logging(verbose);
+                finish(cmd_vmm::run(args, start))
+            }
+            Err(e) => usage_error(e),
+        };
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -46,6 +58,10 @@ fn main() -> ExitCode {
         cli::Command::Guest(args) => cmd_guest::run(args),
         cli::Command::Device(args) => cmd_device::run(args),
     };
+    finish(result)
+}
+
+fn finish(result: Result<u8, Failure>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -8,7 +8,7 @@ use common::vmm::{Vmm, probe_config, wait_log};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hyperpool_api::client::Client;
+use hyperpool_api::client::{Client, Request};
 use serde_json::{Value, json};
 
 #[test]
@@ -191,6 +191,24 @@ fn bad_requests_name_what_is_wrong() {
     );
     let r = vmm.api.get("/api/v1/vm.boot").unwrap();
     assert_eq!(r.status, 405, "{}", r.text());
+    // Requests in order on one connection stop at the first refusal: the boot is not sent.
+    let answers = vmm
+        .api
+        .in_order(vec![
+            Request {
+                method: "PUT",
+                path: "/api/v1/vm.create",
+                body: Some(br#"{"payload": {}, "frobnicate": 1}"#.to_vec()),
+            },
+            Request {
+                method: "PUT",
+                path: "/api/v1/vm.boot",
+                body: None,
+            },
+        ])
+        .unwrap();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0].status, 400, "{}", answers[0].text());
     // Nothing was created by the refused requests.
     assert_eq!(vmm.api.get("/api/v1/vm.info").unwrap().status, 404);
 }
@@ -218,12 +236,26 @@ fn an_inherited_api_socket_takes_requests_at_once() {
         api: Client::new(&socket).with_timeout(Duration::from_secs(20)),
         socket: socket.clone(),
     };
-    // No ping first: the request waits in the socket's backlog until the VMM serves it.
-    vmm.ok(
-        "vm.create",
-        Some(probe_config(dir.path(), "probe=cmdline,cpus")),
-    );
-    vmm.ok("vm.boot", None);
+    // No ping first: the requests wait in the socket's backlog until the VMM serves them. Both
+    // go on one connection, as the daemon sends them.
+    let create = probe_config(dir.path(), "probe=cmdline,cpus").to_string();
+    let answers = vmm
+        .api
+        .in_order(vec![
+            Request {
+                method: "PUT",
+                path: "/api/v1/vm.create",
+                body: Some(create.into_bytes()),
+            },
+            Request {
+                method: "PUT",
+                path: "/api/v1/vm.boot",
+                body: None,
+            },
+        ])
+        .unwrap();
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [204, 204], "{answers:?}");
     wait_log(&dir.path().join("console.log"), "PROBE done", 1);
     vmm.ok("vmm.shutdown", None);
     assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);

@@ -1,7 +1,7 @@
 //! What the host offers: /dev/kvm, its limits, and its memory.
 
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 use kvm_ioctls::{Cap, Kvm};
 
@@ -67,9 +67,11 @@ pub fn host_memory() -> Option<u64> {
     info.totalram.checked_mul(u64::from(info.mem_unit))
 }
 
-/// True when /dev/kvm is PVM (software nested virtualization, ring 0 emulated).
+/// True when /dev/kvm is PVM (software nested virtualization, ring 0 emulated). Looked up
+/// once per process: a start asks several times, and each sysfs lookup is a path walk.
 pub fn is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+    static PVM: OnceLock<bool> = OnceLock::new();
+    *PVM.get_or_init(|| Path::new("/sys/module/kvm_pvm").exists())
 }
 
 /// The CPU template a VM gets: the one given, else this host's default.
