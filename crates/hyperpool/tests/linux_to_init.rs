@@ -3,11 +3,12 @@
 //!
 //! On PVM hosts the guest kernel runs in the host's instruction emulator, which gives up on a few
 //! instructions (`int3`, `popcnt`, `clac`, ...): this boot only gets through because the VMM
-//! completes them and applies the PVM CPU template on its own. It is slow there (about 20 minutes
-//! of a full core just to unpack the initramfs; see the README), and on this project's PVM host
-//! it has not reached /init yet (the kernel goes quiet after ~25 minutes, still completing
-//! clac/stac): so it is one boot, run only when asked for with `HYPERPOOL_SLOW_TESTS=1` (on
-//! hardware KVM it takes seconds), and not part of CI here.
+//! completes them and applies the PVM CPU template on its own. It is slow there (the kernel
+//! reached `Run /init` after ~19 minutes with `cryptomgr.notests` and an uncompressed initramfs,
+//! 45+ without), and /init cannot run there at all: PVM leaves a non-enlightened guest's ring-3
+//! `syscall` at CPL 3, so init dies at its first system call (see the README). So it is one
+//! boot, run only when asked for with `HYPERPOOL_SLOW_TESTS=1` (on hardware KVM it takes
+//! seconds), and not part of CI here.
 
 mod common;
 
