@@ -88,60 +88,71 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
-        let mut answers = self.in_order(vec![Request { method, path, body }])?;
+        let mut answers = self
+            .in_order(vec![Request { method, path, body }])
+            .map_err(|e| e.error)?;
         Ok(answers.remove(0))
     }
 
     /// Several requests, one after another on one connection: what a caller with a few things
     /// to say at once (the daemon's `vm.create` then `vm.boot`) pays for one connection and one
     /// runtime instead of one each. Stops at the first answer that is not a success, which is
-    /// then the last one returned; the timeout covers them all.
-    pub fn in_order(&self, requests: Vec<Request<'_>>) -> Result<Vec<Response>, ClientError> {
+    /// then the last one returned. Each request has the whole timeout, as it would alone; an
+    /// error names the request it stopped at.
+    pub fn in_order(&self, requests: Vec<Request<'_>>) -> Result<Vec<Response>, InOrderError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
             .build()
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        runtime.block_on(async {
-            tokio::time::timeout(self.timeout, self.send_all(requests))
-                .await
-                .map_err(|_| ClientError::Timeout)?
-        })
+            .map_err(|e| InOrderError::new(&requests, 0, ClientError::Http(e.to_string())))?;
+        runtime.block_on(self.send_all(&requests))
     }
 
-    async fn send_all(&self, requests: Vec<Request<'_>>) -> Result<Vec<Response>, ClientError> {
+    async fn send_all(&self, requests: &[Request<'_>]) -> Result<Vec<Response>, InOrderError> {
+        let fail = |at: usize| move |e: ClientError| InOrderError::new(requests, at, e);
         let http = |e: hyper::Error| ClientError::Http(e.to_string());
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| ClientError::Connect(self.socket.clone(), e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(http)?;
+        let timed = |at: usize| move |_| InOrderError::new(requests, at, ClientError::Timeout);
+        let stream = tokio::time::timeout(self.timeout, async {
+            let stream = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .map_err(|e| ClientError::Connect(self.socket.clone(), e))?;
+            hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(http)
+        })
+        .await
+        .map_err(timed(0))?;
+        let (mut sender, connection) = stream.map_err(fail(0))?;
         tokio::spawn(connection);
         let mut answers = Vec::with_capacity(requests.len());
-        for Request { method, path, body } in requests {
-            // The previous answer was read in full, so the connection takes the next request.
-            sender.ready().await.map_err(http)?;
-            let mut request = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header(hyper::header::HOST, "localhost");
-            if body.is_some() {
-                request = request.header(hyper::header::CONTENT_TYPE, "application/json");
-            }
-            let request = request
-                .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| ClientError::Http(e.to_string()))?;
-            let response = sender.send_request(request).await.map_err(http)?;
-            let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(http)?
-                .to_bytes()
-                .to_vec();
-            let answer = Response { status, body };
+        for (at, Request { method, path, body }) in requests.iter().enumerate() {
+            let answer = tokio::time::timeout(self.timeout, async {
+                // The previous answer was read in full, so the connection takes the next one.
+                sender.ready().await.map_err(http)?;
+                let mut request = hyper::Request::builder()
+                    .method(*method)
+                    .uri(*path)
+                    .header(hyper::header::HOST, "localhost");
+                if body.is_some() {
+                    request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+                }
+                let request = request
+                    .body(Full::new(Bytes::from(body.clone().unwrap_or_default())))
+                    .map_err(|e| ClientError::Http(e.to_string()))?;
+                let response = sender.send_request(request).await.map_err(http)?;
+                let status = response.status().as_u16();
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(http)?
+                    .to_bytes()
+                    .to_vec();
+                Ok::<_, ClientError>(Response { status, body })
+            })
+            .await
+            .map_err(timed(at))?
+            .map_err(fail(at))?;
             let failed = !answer.is_success();
             answers.push(answer);
             if failed {
@@ -151,6 +162,29 @@ impl Client {
         Ok(answers)
     }
 }
+
+/// Why [`Client::in_order`] stopped without an answer: the request it was at and the error.
+#[derive(Debug)]
+pub struct InOrderError {
+    /// The path of the request that got no answer.
+    pub path: String,
+    pub error: ClientError,
+}
+
+impl InOrderError {
+    fn new(requests: &[Request<'_>], at: usize, error: ClientError) -> Self {
+        let path = requests.get(at).map_or("", |r| r.path).to_string();
+        Self { path, error }
+    }
+}
+
+impl std::fmt::Display for InOrderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.error)
+    }
+}
+
+impl std::error::Error for InOrderError {}
 
 /// One request of [`Client::in_order`].
 #[derive(Debug, Clone)]

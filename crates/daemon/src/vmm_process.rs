@@ -68,14 +68,7 @@ fn bind(socket: &Path) -> Result<UnixListener, String> {
 
 /// PUT an endpoint of a VM's API; an error is the VMM's own one-line answer.
 pub fn put(socket: &Path, endpoint: &str, body: Option<&Value>) -> Result<(), String> {
-    let r = api(socket)
-        .put(&format!("/api/v1/{endpoint}"), body)
-        .map_err(|e| format!("{endpoint}: {e}"))?;
-    if r.is_success() {
-        Ok(())
-    } else {
-        Err(r.text())
-    }
+    put_in_order(socket, &[(endpoint, body)])
 }
 
 /// PUT several endpoints in order on one connection (see [`Client::in_order`]); stops at the
@@ -92,8 +85,8 @@ pub fn put_in_order(socket: &Path, calls: &[(&str, Option<&Value>)]) -> Result<(
         })
         .collect();
     let answers = api(socket).in_order(requests).map_err(|e| {
-        let names: Vec<&str> = calls.iter().map(|(e, _)| *e).collect();
-        format!("{}: {e}", names.join(", "))
+        let endpoint = e.path.strip_prefix("/api/v1/").unwrap_or(&e.path);
+        format!("{endpoint}: {}", e.error)
     })?;
     match answers.last() {
         Some(last) if !last.is_success() => Err(last.text()),

@@ -29,11 +29,8 @@ const APIC_EOI: u64 = 0xb0;
 const APIC_SVR: u64 = 0xf0;
 const COM1: u16 = 0x3f8;
 const UART_IER: u16 = 1;
-const UART_MCR: u16 = 4;
 const UART_LSR: u16 = 5;
 const IER_RX_AVAILABLE: u8 = 1;
-/// OUT2 gates a PC UART's interrupt line.
-const MCR_OUT2: u8 = 1 << 3;
 const LSR_DATA_READY: u8 = 1;
 const PING: &[u8] = b"ping";
 
@@ -110,12 +107,9 @@ pub fn arm(rsdp: u64) -> Result<Mmio, String> {
     // Edge-triggered, active-high, fixed delivery, physical destination: the ISA defaults.
     ioapic.route(serial_pin, u32::from(VEC_SERIAL), me);
     ioapic.route(ged_pin, u32::from(VEC_GED), me);
-    // SAFETY: 16550 registers: enable the receive interrupt and its output gate.
-    unsafe {
-        port(UART_IER).write(IER_RX_AVAILABLE);
-        let mcr = port(UART_MCR).read();
-        port(UART_MCR).write(mcr | MCR_OUT2);
-    }
+    // SAFETY: 16550 register: enable the receive interrupt (`serial::init` already opened its
+    // output gate, MCR.OUT2).
+    unsafe { port(UART_IER).write(IER_RX_AVAILABLE) };
     Ok(Mmio(GED_EVENTS))
 }
 

@@ -156,6 +156,9 @@ fn ring3_check() -> Result<String, String> {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    if user::current_ring() == 3 {
+        user::panicked(info);
+    }
     serial::print_fmt_emergency(format_args!("PROBE panic {info}\n"));
     end::halt_forever()
 }

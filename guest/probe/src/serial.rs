@@ -22,8 +22,10 @@ static COM1: Spinlock<Uart16550<PioBackend>> = Spinlock::new(com1());
 ///
 /// Seven register writes instead of the crate's `init`, which probes the scratch register,
 /// drains and reads back status (23 accesses): in a VM each access is an exit to the VMM, and
-/// on PVM hosts the code around it is emulated too. The crate's handle assumes the same
-/// settings (its default config has the FIFO on), and a missing UART just drops the output.
+/// on PVM hosts the code around it is emulated too. The UART is taken to be a 16550A, as every
+/// VMM this probe runs under emulates it (vm-superio, QEMU): the crate's handle keeps its
+/// default belief that the FIFO is on (it is not read back from IIR), so output goes in
+/// 16-byte bursts. A missing UART just drops the output.
 pub fn init() {
     let _uart = COM1.lock();
     set(3, 0x80); // LCR: divisor latch access

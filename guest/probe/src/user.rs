@@ -14,6 +14,8 @@
 //! normally.
 
 use crate::cpu::{KERNEL_DS, USER_CS, USER_DS};
+use alloc::string::String;
+use spinning_top::Spinlock;
 
 const USER_STACK_SIZE: usize = 64 * 1024;
 
@@ -93,11 +95,62 @@ unsafe extern "C" {
 /// Runs `f(arg)` in ring 3 and returns its result. BSP only (one shared user stack); needs
 /// `cpu::init` (GDT user segments, TSS, IDT return gate).
 pub fn run(f: UserFn, arg: u64) -> u64 {
+    // From ring 3, `iretq` to ring 3 would be legal and would restart the one user stack under
+    // the running code: refuse (a panic there comes back to the outer `run`, see below).
+    assert!(current_ring() == 0, "user::run called from ring 3");
     let top = (&raw mut USER_STACK as u64 + USER_STACK_SIZE as u64) & !0xf;
-    // SAFETY: cpu::init loaded the IDT with the return gate; the user stack is unused, mapped
-    // user-accessible (all identity mappings have U=1) and 16-byte aligned; user_enter
-    // saves and restores all callee-saved registers and the kernel RSP.
-    unsafe { user_enter(f, arg, top) }
+    // SAFETY: cpu::init loaded the IDT with the return gate; the user stack is unused (we are
+    // in ring 0, checked above), mapped user-accessible (all identity mappings have U=1) and
+    // 16-byte aligned; user_enter saves and restores all callee-saved registers and the
+    // kernel RSP.
+    let result = unsafe { user_enter(f, arg, top) };
+    if let Some(message) = RING3_PANIC.lock().take() {
+        panic!("in ring 3: {message}");
+    }
+    result
+}
+
+/// A panic message from ring 3, which cannot print (no port I/O at IOPL 0): [`panicked`]
+/// keeps it and [`run`] panics with it back in ring 0.
+static RING3_PANIC: Spinlock<PanicText> = Spinlock::new(PanicText {
+    bytes: [0; 256],
+    len: None,
+});
+
+struct PanicText {
+    bytes: [u8; 256],
+    /// Bytes kept, once a panic happened.
+    len: Option<usize>,
+}
+
+impl PanicText {
+    fn take(&mut self) -> Option<String> {
+        let len = self.len.take()?;
+        Some(String::from_utf8_lossy(&self.bytes[..len]).into_owned())
+    }
+}
+
+impl core::fmt::Write for PanicText {
+    /// Keeps what fits; the rest of a long message is cut.
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let len = self.len.get_or_insert(0);
+        let n = s.len().min(self.bytes.len() - *len);
+        self.bytes[*len..*len + n].copy_from_slice(&s.as_bytes()[..n]);
+        *len += n;
+        Ok(())
+    }
+}
+
+/// The panic handler's path in ring 3: keeps the message and ends the run early with `int3`.
+pub fn panicked(info: &core::panic::PanicInfo<'_>) -> ! {
+    if let Some(mut text) = RING3_PANIC.try_lock() {
+        let _ = core::fmt::Write::write_fmt(&mut *text, format_args!("{info}"));
+    }
+    loop {
+        // SAFETY: `int3` from ring 3 takes the return gate back to `run`'s caller in ring 0;
+        // nothing in ring 3 runs after it.
+        unsafe { core::arch::asm!("int3", options(nomem, nostack)) };
+    }
 }
 
 /// Runs the closure `f` in ring 3 and returns what it returns. On PVM hosts ring-0 code is
@@ -106,8 +159,8 @@ pub fn run(f: UserFn, arg: u64) -> u64 {
 /// emulated instructions for the round trip instead of hundreds.
 ///
 /// `f` must only compute on memory: port I/O and privileged instructions fault in ring 3
-/// (the exception handler reports them and halts), and MMIO would still be emulated. It must
-/// not call [`run`] or `call` itself.
+/// (the exception handler reports them and halts), and MMIO would still be emulated. A panic
+/// in `f` (or a nested [`run`]/`call`, which panics) is reported from ring 0 by [`run`].
 pub fn call<F: FnOnce() -> R, R>(f: F) -> R {
     struct Job<F, R> {
         f: Option<F>,
@@ -129,7 +182,7 @@ pub fn call<F: FnOnce() -> R, R>(f: F) -> R {
     run(trampoline::<F, R>, &raw mut job as u64);
     match job.out {
         Some(out) => out,
-        // Only if ring 3 ended early with `int3`, which no closure does.
+        // Only if ring 3 ended early with `int3` without panicking, which no closure does.
         None => panic!("ring-3 call returned without a result"),
     }
 }
