@@ -194,18 +194,9 @@ fn bad_requests_name_what_is_wrong() {
     // Requests in order on one connection stop at the first refusal: the boot is not sent.
     let answers = vmm
         .api
-        .in_order(vec![
-            Request {
-                method: "PUT",
-                path: "/api/v1/vm.create",
-                body: Some(br#"{"payload": {}, "frobnicate": 1}"#.to_vec()),
-            },
-            Request {
-                method: "PUT",
-                path: "/api/v1/vm.boot",
-                body: None,
-            },
-        ])
+        .in_order(create_then_boot(
+            br#"{"payload": {}, "frobnicate": 1}"#.to_vec(),
+        ))
         .unwrap();
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert_eq!(answers[0].status, 400, "{}", answers[0].text());
@@ -241,18 +232,7 @@ fn an_inherited_api_socket_takes_requests_at_once() {
     let create = probe_config(dir.path(), "probe=cmdline,cpus").to_string();
     let answers = vmm
         .api
-        .in_order(vec![
-            Request {
-                method: "PUT",
-                path: "/api/v1/vm.create",
-                body: Some(create.into_bytes()),
-            },
-            Request {
-                method: "PUT",
-                path: "/api/v1/vm.boot",
-                body: None,
-            },
-        ])
+        .in_order(create_then_boot(create.into_bytes()))
         .unwrap();
     let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
     assert_eq!(statuses, [204, 204], "{answers:?}");
@@ -291,4 +271,20 @@ fn a_wrong_api_fd_is_refused_in_one_line() {
         assert!(err.contains(needle), "case {i}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "case {i}: {err}");
     }
+}
+
+/// `vm.create` with `config`, then `vm.boot`: what the pool daemon sends on one connection.
+fn create_then_boot(config: Vec<u8>) -> Vec<Request<'static>> {
+    vec![
+        Request {
+            method: "PUT",
+            path: "/api/v1/vm.create",
+            body: Some(config),
+        },
+        Request {
+            method: "PUT",
+            path: "/api/v1/vm.boot",
+            body: None,
+        },
+    ]
 }
