@@ -217,9 +217,14 @@ fn serve(path: &Path, inflight: bool) -> Arc<Mutex<Seen>> {
     let mut listener = Listener::new(path, true).unwrap();
     let shared = seen.clone();
     std::thread::spawn(move || {
-        let mut backend =
-            BackendListener::new(&mut listener, Arc::new(Mutex::new(recorder))).unwrap();
-        let Ok(Some(mut handler)) = backend.accept() else {
+        let accepted = BackendListener::new(&mut listener, Arc::new(Mutex::new(recorder)))
+            .unwrap()
+            .accept();
+        // Dropping the listener unlinks the socket file: do it now, not when this backend's
+        // connection ends, or it could remove the socket of the replacement a test has bound
+        // at the same path meanwhile (the frontend would then never reconnect).
+        drop(listener);
+        let Ok(Some(mut handler)) = accepted else {
             return;
         };
         shared.lock().unwrap().socket = handler.as_raw_fd();
